@@ -1,0 +1,230 @@
+"""Data sets and batch pipelines: torch, torchvision and timm only.
+
+- digits: scikit-learn's bundled 8×8 handwritten digits (1,797 real images, no download), split with a fixed seed,
+  resized once to `img_size` and kept in memory.
+- synthetic: class prototypes plus noise, for smoke tests and benchmarks of any size.
+- imagefolder: any folder with train/ and val/ class sub-folders, decoded by torchvision with timm's transforms.
+
+In-memory sets are augmented per batch on the training device (random affine, flips, erasing) with no per-sample Python
+loops; mixup/cutmix (timm) applies to every data set. The teacher is fed the batch this pipeline returns, so it sees
+exactly the augmented images the student sees.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from .errors import SpecError
+
+
+@dataclass
+class DataBundle:
+    train: Dataset | tuple[torch.Tensor, torch.Tensor]
+    val: Dataset | tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...] | None  # normalisation applied on the device (None: the transforms already did it)
+    std: tuple[float, ...] | None
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, tuple)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return len(self.train[1] if self.in_memory else self.train), len(self.val[1] if self.in_memory else self.val)
+
+
+def load_data(data) -> DataBundle:
+    if data.dataset == "digits":
+        return _digits(data)
+    if data.dataset == "synthetic":
+        return _synthetic(data)
+    return _imagefolder(data)
+
+
+def _split(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    train_idx, val_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=val_fraction,
+                                          random_state=seed, stratify=labels.numpy())
+    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+def _in_memory(images: torch.Tensor, labels: torch.Tensor, data, num_classes: int) -> DataBundle:
+    images = F.interpolate(images, size=(data.img_size, data.img_size), mode="bilinear", align_corners=False)
+    train, val = _split(images.clamp(0, 1), labels, data.val_fraction, data.split_seed)
+    channels = train[0].shape[1]
+    mean = tuple(train[0].mean(dim=(0, 2, 3)).tolist())
+    std = tuple(train[0].std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
+    return DataBundle(train, val, num_classes, channels, data.img_size, mean, std)
+
+
+def _digits(data) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return _in_memory(images, torch.tensor(digits.target, dtype=torch.long), data, num_classes=10)
+
+
+def _synthetic(data) -> DataBundle:
+    """Smooth random class prototypes plus noise: learnable, deterministic from split_seed."""
+    g = torch.Generator().manual_seed(data.split_seed)
+    k, n = data.synthetic_classes, data.synthetic_size
+    prototypes = F.interpolate(torch.rand(k, 3, 4, 4, generator=g), size=(8, 8), mode="bilinear", align_corners=False)
+    labels = torch.arange(n) % k
+    images = prototypes[labels] + 0.15 * torch.randn(n, 3, 8, 8, generator=g)
+    return _in_memory(images, labels, data, num_classes=k)
+
+
+def _imagefolder(data) -> DataBundle:
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    aug = data.augment
+    train_tf = create_transform(data.img_size, is_training=True, auto_augment=aug.auto_augment,
+                                hflip=0.5 if aug.hflip else 0.0, re_prob=0.0, scale=(0.08, 1.0))
+    val_tf = create_transform(data.img_size, is_training=False)
+    try:
+        train = ImageFolder(f"{data.path}/train", transform=train_tf)
+        val = ImageFolder(f"{data.path}/val", transform=val_tf)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise SpecError(f"imagefolder '{data.path}': {str(err).splitlines()[0]}") from None
+    if train.classes != val.classes:
+        raise SpecError(f"imagefolder '{data.path}': train/ and val/ have different class folders")
+    return DataBundle(train, val, len(train.classes), 3, data.img_size, None, None)
+
+
+# ------------------------------------------------------------------------------------------------------- loaders
+class TensorBatches:
+    """Batches of an in-memory (images, labels) pair, this rank's shard, reshuffled each epoch like DistributedSampler."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool, drop_last: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.images, self.labels = tensors
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        # Training pads every rank to the same shard size (DDP needs equal steps); evaluation never pads.
+        n = len(self.labels)
+        self.shard = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order = torch.cat([order, order[: self.shard * self.world_size - n]])
+        else:
+            order = torch.arange(n)
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return self.shard // self.batch_size if self.drop_last else math.ceil(self.shard / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        for i in range(len(self)):
+            batch = idx[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.images[batch], self.labels[batch]
+
+
+class _EpochLoader:
+    """A DataLoader whose sampler follows set_epoch, so both loader kinds share one interface."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def make_loaders(bundle: DataBundle, data, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+    """(train, val) loaders for this rank. Validation is sharded without padding; counts are summed across ranks."""
+    if bundle.in_memory:
+        train = TensorBatches(bundle.train, data.batch_size, shuffle=True, drop_last=True,
+                              rank=rank, world_size=world_size, seed=seed)
+        val = TensorBatches(bundle.val, data.batch_size * 2, shuffle=False, drop_last=False,
+                            rank=rank, world_size=world_size)
+        if len(train) == 0:
+            raise SpecError(f"data.batch_size {data.batch_size} is larger than this rank's {train.shard} training images")
+        return train, val
+    train_sampler = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+    val_sampler = DistributedSampler(bundle.val, world_size, rank, shuffle=False)
+    if world_size > 1 and len(bundle.val) % world_size:
+        # DistributedSampler pads by repeating images; shard evenly by hand so each image is counted once.
+        val_sampler = list(range(rank, len(bundle.val), world_size))
+    common = dict(num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=data.num_workers > 0)
+    return (_EpochLoader(DataLoader(bundle.train, data.batch_size, sampler=train_sampler, drop_last=True, **common)),
+            _EpochLoader(DataLoader(bundle.val, data.batch_size * 2, sampler=val_sampler, **common)))
+
+
+# ------------------------------------------------------------------------------------------------ batch pipeline
+class BatchPipeline:
+    """Device-side augmentation + normalisation + timm mixup/cutmix, applied to whole batches."""
+
+    def __init__(self, bundle: DataBundle, augment, device: torch.device):
+        self.augment = augment
+        self.geometric = bundle.in_memory  # imagefolder batches were augmented by timm transforms per image
+        self.mean = None if bundle.mean is None else torch.tensor(bundle.mean, device=device).view(1, -1, 1, 1)
+        self.std = None if bundle.std is None else torch.tensor(bundle.std, device=device).view(1, -1, 1, 1)
+        self.mixup = None
+        if augment.mixup > 0 or augment.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix,
+                               label_smoothing=augment.label_smoothing, num_classes=bundle.num_classes)
+        self.erasing = None
+        if augment.random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erasing = RandomErasing(augment.random_erasing, mode="pixel", device=str(device))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.mean is None else (images - self.mean) / self.std
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (augmented images, targets): integer labels, or soft targets when mixup/cutmix is on."""
+        if self.geometric:
+            images = random_affine(images, self.augment.rotate, self.augment.translate, self.augment.scale,
+                                   self.augment.hflip)
+        images = self.normalize(images)
+        if self.erasing is not None:
+            images = self.erasing(images)
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            images, labels = self.mixup(images, labels)
+        return images, labels
+
+
+def random_affine(images: torch.Tensor, rotate_deg: float, translate: float, scale: tuple[float, float],
+                  hflip: bool) -> torch.Tensor:
+    """One random rotation/scale/shift (and optional mirror) per image, in one grid_sample call."""
+    b = images.shape[0]
+    rand = lambda: torch.rand(b, device=images.device)  # noqa: E731
+    angle = (rand() * 2 - 1) * math.radians(rotate_deg)
+    zoom = scale[0] + rand() * (scale[1] - scale[0])
+    flip = torch.where(rand() < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=images.device)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid works in [-1, 1] coordinates: a shift by fraction f of the image is 2f.
+    tx, ty = (rand() * 2 - 1) * 2 * translate, (rand() * 2 - 1) * 2 * translate
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], -1), torch.stack([sin * flip, cos, ty], -1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

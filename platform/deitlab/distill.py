@@ -1,0 +1,118 @@
+"""DeiT distillation losses and joint-head evaluation: pure torch functions, no ray, no mlflow.
+
+Soft:  L = (1 - λ) · CE(Z_cls, y) + λ · τ² · KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ))
+Hard:  L = (1 - λ) · CE(Z_cls, y) + λ · CE(Z_dist, argmax Z_t)           (the paper's ½ + ½ is λ = 0.5)
+None:  L = CE(Z_cls, y)
+
+With the distillation token, Z_cls and Z_dist are the two heads; without it (class-token-only KD, DeiT Table 3 rows
+2-3) both terms apply to the single class head. y is the ground truth: integer labels with label smoothing, or the
+soft targets that timm's Mixup/CutMix produce (smoothing already folded in).
+
+KL normalisation (`normalization`):
+- "batchmean" (default): KL summed over classes, averaged over the batch — the per-sample KL of the paper's formula
+  and of timm's KD tasks.
+- "official": KL summed over everything and divided by batch × classes, as the official DeiT code does; the term is
+  `num_classes` times weaker, which is why the paper's λ = 0.1 was tuned with it.
+
+We keep our own small functions instead of timm.task's TokenDistillationTask because that has no class-token-only hard
+KD, no official normalisation and does not expose the teacher logits we need for agreement; tests check that the
+batchmean soft and the hard terms agree with timm.task where both exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Mode = Literal["none", "soft", "hard"]
+Normalization = Literal["batchmean", "official"]
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    base: torch.Tensor  # ground-truth term on the class head
+    kd: torch.Tensor  # distillation term (0 in mode none)
+
+
+def ground_truth_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with integer labels (smoothed here) or with soft targets (mixup/cutmix, already smoothed)."""
+    if target.dtype.is_floating_point:
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+
+
+def soft_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float,
+                           normalization: Normalization = "batchmean") -> torch.Tensor:
+    """τ² · KL(teacher ‖ student) on temperature-scaled softmaxes."""
+    log_p_student = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    denominator = student_logits.shape[0] if normalization == "batchmean" else student_logits.numel()
+    return kl * (tau * tau) / denominator
+
+
+def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against the teacher's argmax label."""
+    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1), label_smoothing=label_smoothing)
+
+
+def distillation_loss(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
+                      teacher_logits: torch.Tensor | None, *, mode: Mode, weight: float, tau: float = 1.0,
+                      normalization: Normalization = "batchmean", label_smoothing: float = 0.0,
+                      hard_label_smoothing: float = 0.0) -> LossParts:
+    """The training loss. `outputs` is (cls, dist) logits with the token, or one logits tensor without it."""
+    cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+    base = ground_truth_loss(cls_logits, target, label_smoothing)
+    if mode == "none":
+        return LossParts(base, base.detach(), torch.zeros_like(base))
+    if teacher_logits is None:
+        raise ValueError(f"distillation mode '{mode}' needs teacher logits")
+    if mode == "soft":
+        kd = soft_distillation_loss(dist_logits, teacher_logits, tau, normalization)
+    elif mode == "hard":
+        kd = hard_distillation_loss(dist_logits, teacher_logits, hard_label_smoothing)
+    else:
+        raise ValueError(f"unknown distillation mode '{mode}'")
+    return LossParts((1 - weight) * base + weight * kd, base.detach(), kd.detach())
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+ACCURACY_KEYS = ("acc_cls", "acc_dist", "acc_fused", "acc_teacher", "agreement")
+
+
+def fused_probabilities(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> torch.Tensor:
+    """Joint classifier: the mean of the two heads' softmax outputs (the paper adds them)."""
+    return 0.5 * (F.softmax(cls_logits.float(), dim=-1) + F.softmax(dist_logits.float(), dim=-1))
+
+
+def head_agreement_counts(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
+                          teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Correct-prediction and agreement counts for one batch (sums, so ranks can all-reduce them)."""
+    predictions = {
+        "cls": cls_logits.argmax(-1),
+        "dist": dist_logits.argmax(-1),
+        "fused": fused_probabilities(cls_logits, dist_logits).argmax(-1),
+    }
+    counts = {f"correct_{k}": (p == labels).sum() for k, p in predictions.items()}
+    if teacher_logits is not None:
+        teacher_pred = teacher_logits.argmax(-1)
+        counts["correct_teacher"] = (teacher_pred == labels).sum()
+        counts.update({f"agree_{k}": (p == teacher_pred).sum() for k, p in predictions.items()})
+    counts["count"] = torch.tensor(labels.numel(), device=labels.device)
+    return counts
+
+
+def accuracies_from_counts(counts: dict[str, float]) -> dict[str, float]:
+    """acc_cls, acc_dist, acc_fused, and with a teacher acc_teacher and agreement (fused vs teacher) + per head."""
+    n = max(float(counts["count"]), 1.0)
+    metrics = {f"acc_{k}": float(counts[f"correct_{k}"]) / n for k in ("cls", "dist", "fused")}
+    if "correct_teacher" in counts:
+        metrics["acc_teacher"] = float(counts["correct_teacher"]) / n
+        metrics["agreement"] = float(counts["agree_fused"]) / n
+        metrics["agreement_cls"] = float(counts["agree_cls"]) / n
+        metrics["agreement_dist"] = float(counts["agree_dist"]) / n
+    return metrics

@@ -1,0 +1,5 @@
+"""The one error type users see: a bad spec, option, path, URI or file. Its message is a single line."""
+
+
+class SpecError(ValueError):
+    """A bad input. The CLI prints the message and exits 2."""

@@ -1,0 +1,107 @@
+"""Students (timm DeiT, with or without the distillation token) and frozen teachers. torch + timm only."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+CHECKPOINT_FORMAT = "deitlab.model/1"
+
+
+def build_student(student, distillation, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    """A timm DeiT; `VisionTransformerDistilled` when the distillation token is used."""
+    name = student.timm_name(distillation.uses_token)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                              **student.timm_kwargs(img_size))
+    if distillation.uses_token:
+        model.set_distilled_training(True)  # training forward returns (cls, dist) logits
+    return model
+
+
+def build_classifier(arch: str, model_kwargs: dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    except TypeError as err:
+        raise SpecError(f"model '{arch}': bad model_kwargs ({err})") from None
+
+
+def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both heads' logits in any mode (timm averages them in eval mode); (logits, logits) without a token."""
+    model = getattr(model, "module", model)  # unwrap DDP for evaluation
+    if not hasattr(model, "head_dist"):
+        logits = model(images)
+        return logits, logits
+    tokens = model.forward_features(images)
+    return model.head(tokens[:, 0]), model.head_dist(tokens[:, 1])
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- model checkpoints
+def save_model(path: str | Path, model: nn.Module, *, arch: str, model_kwargs: dict[str, Any], num_classes: int,
+               in_chans: int, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a self-describing model file atomically (tmp file + rename): weights, architecture and metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
+        "in_chans": in_chans, "metadata": dict(metadata or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in getattr(model, "module", model).state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():  # an MLflow artifact directory holding one model file
+        files = sorted(path.rglob("*.pt"))
+        if len(files) != 1:
+            raise SpecError(f"{path}: expected one .pt model file in the directory, found {len(files)}")
+        path = files[0]
+    if not path.is_file():
+        raise SpecError(f"{path}: no such model checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise SpecError(f"{path}: not a readable model checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise SpecError(f"{path}: not a deitlab model file (no '{CHECKPOINT_FORMAT}' header)")
+    return payload
+
+
+def load_teacher(path: str | Path, *, num_classes: int, in_chans: int, arch: str | None = None,
+                 model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen, eval-mode teacher from a deitlab model file; checks it fits the data set."""
+    payload = read_model_file(path)
+    if arch and arch != payload["arch"]:
+        raise SpecError(f"{path}: checkpoint holds '{payload['arch']}', the spec asks for '{arch}'")
+    if (payload["num_classes"], payload["in_chans"]) != (num_classes, in_chans):
+        raise SpecError(f"{path}: teacher has {payload['num_classes']} classes and {payload['in_chans']} input channels,"
+                        f" the data set has {num_classes} and {in_chans}")
+    kwargs = {**payload["model_kwargs"], **(model_kwargs or {})}
+    model = build_classifier(payload["arch"], kwargs, num_classes, in_chans)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise SpecError(f"{path}: weights do not fit '{payload['arch']}' ({str(err).splitlines()[0]})") from None
+    return freeze(model), payload

@@ -1,0 +1,451 @@
+"""Typed experiment and sweep specs: YAML in, validated pydantic objects out.
+
+One `ExperimentSpec` describes one distillation run (student, teacher, distillation, data, optimisation, run).
+A `SweepSpec` is a base experiment plus a grid over dotted keys; it expands into validated trial specs before anything
+starts, so a bad value anywhere in the grid fails at load time. Every problem is raised as `SpecError` with one line
+that names the field and the reason; the CLI prints that line and exits 2.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from .errors import SpecError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_models() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+def _known_model(name: str) -> str:
+    if name not in _timm_models():
+        raise ValueError(f"unknown timm model '{name}'")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------------- models
+class StudentSpec(_Strict):
+    """A timm DeiT student. `arch` picks the family; the distillation token is chosen by `distillation.token`."""
+
+    arch: str = "deit_tiny_patch16_224"
+    img_size: int | None = Field(None, gt=0, description="defaults to data.img_size")
+    patch_size: int | None = Field(None, gt=0)
+    embed_dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_is_deit(cls, name: str) -> str:
+        plain = name.replace("_distilled", "")
+        _known_model(plain)
+        if not plain.startswith("deit_"):
+            raise ValueError(f"'{name}' is not a timm DeiT model with a distillation-token variant (deit_tiny/small/base_*)")
+        return plain
+
+    def timm_name(self, token: bool) -> str:
+        return self.arch.replace("_patch", "_distilled_patch", 1) if token else self.arch
+
+    def timm_kwargs(self, img_size: int) -> dict[str, Any]:
+        sizes = dict(patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+        return {"img_size": self.img_size or img_size, "drop_path_rate": self.drop_path_rate,
+                **{k: v for k, v in sizes.items() if v is not None}}
+
+
+class TeacherSpec(_Strict):
+    """A frozen teacher: a timm architecture with weights from a local checkpoint or an MLflow model URI."""
+
+    name: str | None = Field(None, description="label used in params and reports; defaults to the arch or URI")
+    arch: str | None = Field(None, description="timm model name; read from the checkpoint when omitted")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    uri: str | None = Field(None, description="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/PATH")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, name: str | None) -> str | None:
+        return None if name is None else _known_model(name)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "file:/")):
+            raise ValueError(f"'{uri}' is not an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/PATH)")
+        return uri
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if (self.checkpoint is None) == (self.uri is None):
+            raise ValueError("give exactly one of 'checkpoint' (a local file) or 'uri' (an MLflow model URI)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch or self.uri or Path(self.checkpoint or "teacher").stem
+
+
+# --------------------------------------------------------------------------------------------------- distillation
+PAPER_LAMBDA = {"soft": 0.1, "hard": 0.5, "none": 0.0}
+
+
+class DistillationSpec(_Strict):
+    """DeiT distillation. mode none|soft|hard; token=False gives class-token-only KD (Table 3, rows 2-3)."""
+
+    mode: Literal["none", "soft", "hard"] = "hard"
+    token: bool = Field(True, description="use the DeiT distillation token; False distils into the class head")
+    tau: float = Field(3.0, gt=0, description="soft-mode temperature")
+    lambda_: float | None = Field(None, alias="lambda", ge=0, le=1,
+                                  description="weight of the distillation term; default: paper value for the mode")
+    soft_normalization: Literal["batchmean", "official"] = Field(
+        "batchmean", description="batchmean: KL summed / batch (the paper's formula, timm); official: / (batch*classes)")
+    hard_label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_head: Literal["cls", "dist", "fused"] = Field(
+        "fused", description="head whose accuracy is the run's headline metric `acc` (Table 3, rows 4-6)")
+
+    @property
+    def weight(self) -> float:
+        """The effective distillation weight: lambda, or the paper's value for the mode (soft 0.1, hard 0.5)."""
+        if self.mode == "none":
+            return 0.0
+        return PAPER_LAMBDA[self.mode] if self.lambda_ is None else self.lambda_
+
+    @property
+    def uses_token(self) -> bool:
+        return self.token and self.mode != "none"
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class AugmentSpec(_Strict):
+    """Batch-level augmentation, sized for tiny images. The teacher sees the augmented batch the student sees."""
+
+    rotate: float = Field(5.0, ge=0, le=180, description="max rotation, degrees (in-memory data sets)")
+    translate: float = Field(0.05, ge=0, lt=1, description="max shift, fraction of the image (in-memory data sets)")
+    scale: tuple[float, float] = (0.9, 1.1)
+    hflip: bool = False
+    mixup: float = Field(0.0, ge=0, description="timm Mixup alpha; 0 disables")
+    cutmix: float = Field(0.0, ge=0, description="timm CutMix alpha; 0 disables")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    random_erasing: float = Field(0.0, ge=0, le=1)
+    auto_augment: str | None = Field(None, description="timm auto-augment policy for imagefolder, e.g. rand-m9-mstd0.5")
+
+
+class DataSpec(_Strict):
+    dataset: Literal["digits", "imagefolder", "synthetic"] = "digits"
+    path: str | None = Field(None, description="imagefolder root holding train/ and val/ class folders")
+    img_size: int = Field(16, gt=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(0, ge=0)
+    synthetic_classes: int = Field(10, ge=2)
+    synthetic_size: int = Field(512, ge=8)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+    @model_validator(mode="after")
+    def _path_for_imagefolder(self) -> DataSpec:
+        if self.dataset == "imagefolder":
+            if not self.path:
+                raise ValueError("dataset 'imagefolder' needs 'path' (a folder with train/ and val/)")
+            for split in ("train", "val"):
+                if not (Path(self.path) / split).is_dir():
+                    raise ValueError(f"imagefolder path '{self.path}' has no '{split}/' folder")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- optimisation
+class OptimSpec(_Strict):
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    opt: str = "adamw"
+    sched: Literal["cosine", "poly", "tanh", "none"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+    clip_grad: float | None = Field(None, gt=0)
+
+
+# ------------------------------------------------------------------------------------------------------------- run
+class RunSpec(_Strict):
+    workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, gt=0, description="intra-op threads per worker on CPU")
+    seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
+    workdir: str = Field("deitlab-work", description="local home of the default MLflow store and Ray results")
+    storage: str | None = Field(None, description="Ray storage path (local dir or s3://...); default WORKDIR/ray_results")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in WORKDIR")
+    experiment: str = Field("deitlab", description="MLflow experiment name")
+    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def resolved_storage(self) -> str:
+        return self.storage or str(self.workdir_path / "ray_results")
+
+
+# ------------------------------------------------------------------------------------------------------ experiment
+class ExperimentSpec(_Strict):
+    name: str = "experiment"
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    teacher: TeacherSpec | None = None
+    distillation: DistillationSpec = Field(default_factory=DistillationSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> ExperimentSpec:
+        img = self.student.img_size or self.data.img_size
+        patch = self.student.patch_size or 16
+        if img % patch:
+            raise ValueError(f"student image size {img} is not a multiple of its patch size {patch}"
+                             " (set student.patch_size)")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_when_distilling(self, info: ValidationInfo) -> ExperimentSpec:
+        # A sweep's base experiment may leave the teacher to the grid; each trial spec is checked in full.
+        sweep_base = bool(info.context and info.context.get("sweep_base"))
+        if self.distillation.mode != "none" and self.teacher is None and not sweep_base:
+            raise ValueError(f"distillation mode '{self.distillation.mode}' needs a 'teacher' section")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentSpec:
+        """A new validated spec with dotted-key overrides applied (what --set and sweep grids use)."""
+        raw = self.model_dump(by_alias=True, exclude_unset=True)
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return validate(ExperimentSpec, raw, source="override")
+
+    def flat_params(self) -> dict[str, Any]:
+        """Flattened, effective parameters for tracking (defaults included, derived values resolved)."""
+        flat = _flatten(self.model_dump(by_alias=True, mode="json"))
+        flat["distillation.lambda"] = self.distillation.weight
+        flat["distillation.token"] = self.distillation.uses_token
+        flat["student.timm_name"] = self.student.timm_name(self.distillation.uses_token)
+        flat["teacher"] = self.teacher.label if self.teacher else "none"
+        return flat
+
+
+class TeacherTrainingSpec(_Strict):
+    """`deitlab teacher train`: a plain classifier trained on the data, then registered in MLflow."""
+
+    name: str = Field(..., description="registered model name, e.g. digits-convnet")
+    arch: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, name: str) -> str:
+        return _known_model(name)
+
+    def flat_params(self) -> dict[str, Any]:
+        return _flatten(self.model_dump(by_alias=True, mode="json"))
+
+
+# ----------------------------------------------------------------------------------------------------------- sweep
+TEACHER_KEY = "teacher"
+
+
+class SweepSpec(_Strict):
+    """A base experiment and a grid over dotted keys. `teacher` in the grid picks from `teachers` by name.
+
+    Meaningless combinations are collapsed: tau only matters for soft mode; mode none uses no teacher for training
+    (the first teacher is kept as the reference that agreement is measured against), no tau and no lambda.
+    """
+
+    name: str
+    experiment: ExperimentSpec
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    metric: str = "acc"
+    max_concurrent_trials: int | None = Field(None, gt=0)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_lists(cls, grid):
+        for sub in grid if isinstance(grid, list) else [grid]:
+            for key, values in sub.items():
+                if not values:
+                    raise ValueError(f"grid key '{key}' has no values")
+        return grid
+
+    @model_validator(mode="after")
+    def _teachers_named(self) -> SweepSpec:
+        for sub in self.grid if isinstance(self.grid, list) else [self.grid]:
+            for name in sub.get(TEACHER_KEY, []):
+                if name not in self.teachers:
+                    known = ", ".join(self.teachers) or "none defined"
+                    raise ValueError(f"grid teacher '{name}' is not in 'teachers' ({known})")
+        return self
+
+    def trial_overrides(self) -> list[dict[str, Any]]:
+        """Expanded, collapsed and de-duplicated grid points, in a stable order; each includes run.seed."""
+        points: list[dict[str, Any]] = []
+        for sub in self.grid if isinstance(self.grid, list) else [self.grid]:
+            keys = list(sub)
+            for values in itertools.product(*(sub[k] for k in keys)):
+                point = self._collapse(dict(zip(keys, values)))
+                for seed in self.seeds:
+                    seeded = {**point, "run.seed": seed}
+                    if seeded not in points:
+                        points.append(seeded)
+        return points or [{"run.seed": s} for s in self.seeds]
+
+    def _collapse(self, point: dict[str, Any]) -> dict[str, Any]:
+        mode = point.get("distillation.mode", self.experiment.distillation.mode)
+        if mode != "soft":
+            point.pop("distillation.tau", None)
+        if mode == "none":
+            point.pop("distillation.lambda", None)
+            if TEACHER_KEY in point:  # the reference teacher for agreement: the first one listed
+                point[TEACHER_KEY] = next(iter(self.teachers))
+        return point
+
+    def trial_spec(self, overrides: dict[str, Any]) -> ExperimentSpec:
+        values = dict(overrides)
+        teacher = values.pop(TEACHER_KEY, None)
+        if teacher is not None:
+            values[TEACHER_KEY] = {"name": teacher, **self.teachers[teacher].model_dump(by_alias=True, exclude_unset=True)}
+        return self.experiment.with_overrides(values)
+
+    def trial_specs(self) -> list[tuple[dict[str, Any], ExperimentSpec]]:
+        return [(o, self.trial_spec(o)) for o in self.trial_overrides()]
+
+
+# ----------------------------------------------------------------------------------------------- loading and errors
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set tree[a][b][c] = value for key 'a.b.c'; a dict key that itself contains dots (grid keys) matches whole."""
+    node = tree
+    parts = key.split(".")
+    while parts:
+        rest = ".".join(parts)
+        if rest in node or len(parts) == 1:
+            node[rest] = value
+            return
+        head = parts.pop(0)
+        child = node.get(head)
+        if child is None:
+            child = node[head] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {key}: '{head}' is a value, not a section")
+        node = child
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """Parse `key=value` strings; values are YAML scalars or lists (`tau=3`, `grid.teacher=[a,b]`, `token=false`)."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set '{item}': expected KEY=VALUE, e.g. distillation.tau=3")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise SpecError(f"--set '{item}': value is not valid YAML ({_first_line(err)})") from None
+    return overrides
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    if "input" in err and err["type"] not in ("extra_forbidden", "missing", "value_error", "model_type"):
+        shown = repr(err["input"])
+        msg += f" (got {shown if len(shown) < 60 else shown[:57] + '...'})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate(model: type[_Strict], raw: Any, source: str = "spec"):
+    """Validate `raw` into `model`, turning pydantic's report into one SpecError line."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw, context={"sweep_base": model is SweepSpec})
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise SpecError(f"{source}: {problems}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: malformed YAML: {_first_line(err)}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file") from None
+    if raw is None:
+        raise SpecError(f"{path}: the spec is empty")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load(model: type[_Strict], path: str | Path, overrides: dict[str, Any] | None = None):
+    raw = read_yaml(path)
+    if model is SweepSpec and isinstance(raw.get("experiment"), str):  # a sweep may point at an experiment file
+        raw["experiment"] = read_yaml(Path(path).parent / raw["experiment"])
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return validate(model, raw, source=str(path))
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentSpec:
+    return load(ExperimentSpec, path, overrides)
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    sweep = load(SweepSpec, path, overrides)
+    try:
+        sweep.trial_specs()  # every grid point must validate before anything starts
+    except SpecError as err:
+        raise SpecError(f"{path}: grid: {str(err).removeprefix('override: ')}") from None
+    return sweep
+
+
+def load_teacher_training(path: str | Path, overrides: dict[str, Any] | None = None) -> TeacherTrainingSpec:
+    return load(TeacherTrainingSpec, path, overrides)

@@ -1,0 +1,193 @@
+"""MLflow adapter: experiments, parent/child runs, batched metrics, teacher registry, artifact download.
+
+Only the driver and rank 0 talk to MLflow. Metric logging is batched (one `log_batch` per epoch) and never fails a
+training run: a tracking error is reported once as a warning and training goes on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+
+log = logging.getLogger("deitlab.tracking")
+
+SWEEP_TAG = "deitlab.sweep"
+KIND_TAG = "deitlab.kind"  # sweep | trial | teacher | train
+TEACHER_ACC_TAG = "deitlab.accuracy"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _stringify(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text[:MAX_PARAM_LENGTH]
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where runs go: a tracking URI, an experiment name, and (for local stores) an artifact root."""
+
+    tracking_uri: str
+    experiment: str
+    artifact_root: str | None = None
+
+    @classmethod
+    def for_run(cls, run) -> Tracking:
+        """From a RunSpec: the given tracking URI, or a SQLite store + artifact dir inside the work directory."""
+        if run.tracking_uri:
+            return cls(run.tracking_uri, run.experiment)
+        run.workdir_path.mkdir(parents=True, exist_ok=True)
+        return cls(run.resolved_tracking_uri, run.experiment, (run.workdir_path / "mlartifacts").as_uri())
+
+    @property
+    def client(self):
+        return _client(self.tracking_uri)
+
+    # ------------------------------------------------------------------------------------------- runs
+    def experiment_id(self, create: bool = True) -> str | None:
+        """The experiment's id, created once by the driver (concurrent first creation of SQLite stores races)."""
+        client = self.client
+        try:
+            found = client.get_experiment_by_name(self.experiment)
+        except Exception as err:  # unreachable server, bad URI, locked or corrupt store
+            raise SpecError(f"tracking URI '{self.tracking_uri}': {_one_line(err)}") from None
+        if found is not None:
+            return found.experiment_id
+        if not create:
+            return None
+        return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+
+    def start_run(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                  parent_id: str | None = None) -> str:
+        client = self.client
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = client.create_run(self.experiment_id(), run_name=name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _stringify(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> bool:
+        """One batched call per step. Returns False (and warns) instead of raising when the store is unreachable."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        try:
+            self.client.log_batch(run_id, metrics=items)
+            return True
+        except Exception as err:
+            log.warning("MLflow logging failed at step %s (%s); training continues", step, _one_line(err))
+            return False
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, _stringify(v)) for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    # ------------------------------------------------------------------------------------------- registry
+    def register_teacher(self, run_id: str, artifact_path: str, name: str, accuracy: float) -> str:
+        """Register the run's model file as a new version of `name`; returns the version's models:/ URI."""
+        client = self.client
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.create_registered_model(name, tags={KIND_TAG: "teacher"},
+                                           description="deitlab teacher: a deitlab.model/1 file (torch state_dict)")
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = client.create_model_version(name, source, run_id=run_id,
+                                              tags={TEACHER_ACC_TAG: f"{accuracy:.6f}"},
+                                              description=f"validation accuracy {accuracy:.4f}")
+        return f"models:/{name}/{version.version}"
+
+    def download(self, uri: str, dst: str | Path) -> Path:
+        """Download a models:/ or runs:/ URI (or any artifact URI) to dst; a bad URI is a SpecError."""
+        import mlflow.artifacts
+
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        try:
+            source = self.model_source(uri) if uri.startswith("models:/") else uri
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                            tracking_uri=self.tracking_uri))
+        except SpecError:
+            raise
+        except Exception as err:
+            raise SpecError(f"teacher URI '{uri}': {_one_line(err)}") from None
+
+    def model_source(self, uri: str) -> str:
+        """The artifact location behind models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS.
+
+        Resolved with our own client so the registry is the one at our tracking URI, not a process-global default.
+        """
+        client = self.client
+        ref = uri.removeprefix("models:/").strip("/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).source
+        name, _, version = ref.rpartition("/")
+        if not name:
+            raise SpecError(f"teacher URI '{uri}': expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise SpecError(f"teacher URI '{uri}': registered model '{name}' has no versions")
+            version = str(max(int(v.version) for v in versions))
+        return client.get_model_version(name, version).source
+
+    # ------------------------------------------------------------------------------------------- queries
+    def sweep_runs(self, sweep: str):
+        """(parent run, [child runs]) of the newest sweep called `sweep` in this experiment."""
+        client = self.client
+        experiment_id = self.experiment_id(create=False)
+        if experiment_id is None:
+            raise SpecError(f"no MLflow experiment '{self.experiment}' at '{self.tracking_uri}'")
+        parents = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'sweep'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise SpecError(f"no sweep '{sweep}' in experiment '{self.experiment}' at '{self.tracking_uri}'")
+        parent = parents[0]
+        children = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                      max_results=5000)
+        return parent, children
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
+
+
+def quiet_mlflow() -> None:
+    """MLflow prints alembic migrations and hints on every new store; keep the user's terminal for our progress."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
