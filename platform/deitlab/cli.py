@@ -22,7 +22,8 @@ sweep_app = typer.Typer(help="Plan and run sweeps.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(sweep_app, name="sweep")
 
-out = Console()  # results (tables, JSON)
+# Results (tables, JSON). Piped output gets room for the wide ablation table instead of rich's 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True)  # progress and errors
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",

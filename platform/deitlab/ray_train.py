@@ -47,10 +47,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Train's controller polls its workers every 2 s by default; short trials spend seconds just waiting on that.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune looks for per-trial result files that Train V2 trials do not write; MLflow holds the metrics.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # A local Ray is never preempted (spot reclaim); its watcher would be one more process per trial.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # One logical CPU more than the cores: room for the sweep trials' 0.01-CPU controller slivers, so N cores
         # still run N one-CPU workers at once.
         ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,

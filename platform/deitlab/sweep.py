@@ -55,7 +55,7 @@ def _fitting_trials(run) -> int:
     import ray
 
     free = ray.cluster_resources()
-    fits = free.get("CPU", 1) // (run.workers * run.cpus_per_worker)
+    fits = free.get("CPU", 1) // (run.workers * run.cpus_per_worker + TRIAL_CPU)
     if run.gpus_per_worker > 0:
         fits = min(fits, free.get("GPU", 0) // (run.workers * run.gpus_per_worker))
     return max(int(fits), 1)
