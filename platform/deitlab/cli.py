@@ -218,7 +218,7 @@ def report(sweep: Annotated[str, typer.Argument(help="a sweep spec file, or a sw
         loaded = load_sweep(sweep, _workdir_overrides(workdir, "experiment.run."))
         name, run = loaded.name, loaded.experiment.run
     else:
-        name, run = sweep, RunSpec(**{k: v for k, v in {"workdir": str(workdir) if workdir else None}.items() if v})
+        name, run = sweep, RunSpec(workdir=str(workdir)) if workdir else RunSpec()
     run = run.model_copy(update={k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment}.items()
                                  if v})
     if not run.tracking_uri and not (run.workdir_path / "mlflow.db").is_file():

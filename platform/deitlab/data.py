@@ -51,11 +51,17 @@ def load_data(data) -> DataBundle:
 
 
 def _split(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    train_idx, val_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=val_fraction,
-                                          random_state=seed, stratify=labels.numpy())
-    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    """A stratified split: the same fraction of every class goes to validation, fixed by the seed."""
+    g = torch.Generator().manual_seed(seed)
+    val_parts = []
+    for cls in labels.unique():
+        members = (labels == cls).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        val_parts.append(members[: round(len(members) * val_fraction)])
+    val_idx = torch.cat(val_parts).sort().values
+    train_mask = torch.ones(len(labels), dtype=torch.bool)
+    train_mask[val_idx] = False
+    train_idx = train_mask.nonzero().flatten()
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 

@@ -172,7 +172,7 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking) ->
                      in_chans=bundle.in_chans, arch=teacher.arch, model_kwargs=teacher.model_kwargs)
 
 
-def _tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str], callbacks=None,
+def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str], callbacks=None,
                  parent_id: str | None = None, on_success=None) -> TrainOutcome:
     """Open an MLflow run, fit, close the run FINISHED or FAILED (never left RUNNING)."""
     run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags=tags, parent_id=parent_id)
@@ -192,7 +192,7 @@ def train_experiment(spec: ExperimentSpec) -> TrainOutcome:
     tracking = Tracking.for_run(spec.run)
     tracking.experiment_id()
     preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking)
-    return _tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"})
+    return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"})
 
 
 def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> TrainOutcome:
@@ -209,5 +209,5 @@ def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> T
         tracking.set_tags(run_id, {"deitlab.model_uri": uri, TEACHER_ACC_TAG: result.metrics["acc"]})
         return uri
 
-    return _tracked_fit(spec, tracking, f"teacher-{spec.name}", {KIND_TAG: "teacher", "deitlab.teacher": spec.name},
+    return tracked_fit(spec, tracking, f"teacher-{spec.name}", {KIND_TAG: "teacher", "deitlab.teacher": spec.name},
                         callbacks=callbacks, on_success=register)

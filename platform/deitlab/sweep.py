@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .ray_train import _tracked_fit, preflight_teachers, train_teacher
+from .ray_train import tracked_fit, preflight_teachers, train_teacher
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec
 from .tracking import KIND_TAG, SWEEP_TAG, Tracking
 
@@ -41,7 +41,7 @@ def _sweep_trial(config: dict[str, Any], sweep: SweepSpec, specs: dict[str, Expe
     spec = specs[name]  # validated by the driver; trials do not re-validate
     tags = {SWEEP_TAG: sweep.name, KIND_TAG: "trial", "deitlab.trial_id": tune.get_context().get_trial_id(),
             "deitlab.teacher_role": "reference" if spec.distillation.mode == "none" else "distillation"}
-    _tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id)
+    tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id)
 
 
 def _teacher_trial(config: dict[str, Any], specs: dict[str, TeacherTrainingSpec]) -> None:
