@@ -66,11 +66,13 @@ def resolve_teacher_file(teacher: TeacherSpec, tracking: Tracking) -> str:
     """A local model file for the teacher: its checkpoint, or its MLflow URI downloaded once per node."""
     if teacher.checkpoint is not None:
         return teacher.checkpoint
-    key = hashlib.sha256(f"{tracking.tracking_uri}|{teacher.uri}".encode()).hexdigest()[:16]
+    # Key the cache on the artifact location, not the URI: models:/NAME/latest moves when a new version is registered.
+    source = tracking.model_source(teacher.uri) if teacher.uri.startswith("models:/") else teacher.uri
+    key = hashlib.sha256(f"{tracking.tracking_uri}|{source}".encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / "deitlab-teachers" / key
     if not cache.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent if cache.parent.exists() else None))
-        tracking.download(teacher.uri, staging)
+        tracking.download(source, staging)
         cache.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(cache)  # atomic: concurrent workers on one node race harmlessly

@@ -149,20 +149,24 @@ class Tracking:
 
         Resolved with our own client so the registry is the one at our tracking URI, not a process-global default.
         """
-        client = self.client
         ref = uri.removeprefix("models:/").strip("/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias).source
         name, _, version = ref.rpartition("/")
-        if not name:
+        if "@" not in ref and not name:
             raise SpecError(f"teacher URI '{uri}': expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
-        if version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise SpecError(f"teacher URI '{uri}': registered model '{name}' has no versions")
-            version = str(max(int(v.version) for v in versions))
-        return client.get_model_version(name, version).source
+        try:
+            client = self.client
+            if "@" in ref:
+                return client.get_model_version_by_alias(*ref.split("@", 1)).source
+            if version == "latest":
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise SpecError(f"teacher URI '{uri}': registered model '{name}' has no versions")
+                version = str(max(int(v.version) for v in versions))
+            return client.get_model_version(name, version).source
+        except SpecError:
+            raise
+        except Exception as err:
+            raise SpecError(f"teacher URI '{uri}': {_one_line(err)}") from None
 
     # ------------------------------------------------------------------------------------------- queries
     def sweep_runs(self, sweep: str):
