@@ -129,7 +129,7 @@ def teacher_comparison(rows: list[AblationRow]) -> list[TeacherRow]:
         best = max(mine, key=lambda r: r.metrics["acc"].mean)
         config = best.mode + ("" if best.token else " (cls only)") + \
             (f" τ={best.tau:g}" if best.tau is not None else "") + (f" λ={best.lam:g}" if best.lam is not None else "")
-        accs = [v for r in mine for v in [r.metrics["acc"].mean]]
+        accs = [r.metrics["acc"].mean for r in mine]
         teacher_accs = [r.metrics["acc_teacher"].mean for r in mine if r.metrics["acc_teacher"].mean is not None]
         agreements = [r.metrics["agreement"].mean for r in mine if r.metrics["agreement"].mean is not None]
         out.append(TeacherRow(teacher, Stat.of(teacher_accs[:1]), len(mine), config, best.metrics["acc"].mean,
