@@ -154,9 +154,9 @@ def _train_teachers(loaded) -> None:
     if failed:
         err.print(f"[red]error:[/] teacher training failed: {', '.join(failed)}")
         raise typer.Exit(1)
-    client = Tracking.for_run(loaded[0].run).client
+    tracking = Tracking.for_run(loaded[0].run)
     for t in loaded:
-        version = max(client.search_model_versions(f"name = '{t.name}'"), key=lambda v: int(v.version))
+        version = tracking.latest_version(t.name)
         out.print(f"registered [bold]models:/{t.name}/{version.version}[/]"
                   f"  (validation accuracy {100 * float(version.tags.get('deitlab.accuracy', 'nan')):.1f}%)")
 

@@ -144,6 +144,13 @@ class Tracking:
         except Exception as err:
             raise SpecError(f"teacher URI '{uri}': {_one_line(err)}") from None
 
+    def latest_version(self, name: str):
+        """The newest registered version of `name`."""
+        versions = self.client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise SpecError(f"registered model '{name}' has no versions at '{self.tracking_uri}'")
+        return max(versions, key=lambda v: int(v.version))
+
     def model_source(self, uri: str) -> str:
         """The artifact location behind models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS.
 
@@ -158,10 +165,7 @@ class Tracking:
             if "@" in ref:
                 return client.get_model_version_by_alias(*ref.split("@", 1)).source
             if version == "latest":
-                versions = client.search_model_versions(f"name = '{name}'")
-                if not versions:
-                    raise SpecError(f"teacher URI '{uri}': registered model '{name}' has no versions")
-                version = str(max(int(v.version) for v in versions))
+                return self.latest_version(name).source
             return client.get_model_version(name, version).source
         except SpecError:
             raise
