@@ -106,18 +106,25 @@ def _print_plan(sweep) -> None:
 @handled
 def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray Train workers")] = None,
           workdir: Annotated[Optional[Path], typer.Option(help="work directory (MLflow store, Ray results)")] = None,
-          set_: SetOption = None, ray_address: RayAddress = None) -> None:
+          set_: SetOption = None, ray_address: RayAddress = None,
+          resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of this spec"
+                                                                 " from its last complete checkpoint")] = False,
+          run_id: Annotated[Optional[str], typer.Option(help="with --resume: the MLflow run to continue")] = None
+          ) -> None:
     """Train one student (or baseline) with Ray Train; metrics and checkpoints every epoch."""
     from .ray_train import train_experiment
     from .spec import load_experiment, parse_set
 
+    if run_id and not resume:
+        raise SpecError("--run-id is only used with --resume")
     overrides = {**parse_set(set_), **_workdir_overrides(workdir)}
     if workers is not None:
         overrides["run.workers"] = workers
     experiment = load_experiment(spec, overrides)
     _ray(ray_address)
-    with err.status(f"training '{experiment.name}' on {experiment.run.workers} worker(s)…"):
-        outcome = train_experiment(experiment)
+    verb = "resuming" if resume else "training"
+    with err.status(f"{verb} '{experiment.name}' on {experiment.run.workers} worker(s)…"):
+        outcome = train_experiment(experiment, resume=resume, run_id=run_id)
     _print_metrics(experiment.name, outcome.metrics, outcome.run_id)
 
 

@@ -18,7 +18,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
 from .errors import SpecError
 
@@ -111,49 +110,84 @@ def _imagefolder(data) -> DataBundle:
 
 
 # ------------------------------------------------------------------------------------------------------- loaders
-class TensorBatches:
-    """Batches of an in-memory (images, labels) pair, this rank's shard, reshuffled each epoch like DistributedSampler."""
+# Sharding rule, per epoch: training shuffles the whole set with (seed, epoch), pads it by repeating its first
+# (world_size - n % world_size) % world_size shuffled images so every rank gets the same number of steps (DDP needs that),
+# and deals images round-robin to ranks. No image is dropped; at most world_size - 1 repeat. A last batch of a single
+# image joins the one before it (a batch of one breaks BatchNorm teachers). Validation is dealt without padding and
+# its counts are summed across ranks, so every validation image counts exactly once.
 
-    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool, drop_last: bool,
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Consecutive batches covering range(n); a trailing batch of one image is merged into the previous batch."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
+def shard_indices(n: int, rank: int, world_size: int, *, seed: int | None, epoch: int = 0) -> torch.Tensor:
+    """This rank's indices for one epoch: shuffled and padded (training, seed given) or in order without padding."""
+    if seed is None:
+        return torch.arange(rank, n, world_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    padded = math.ceil(n / world_size) * world_size
+    return torch.cat([order, order[: padded - n]])[rank::world_size]
+
+
+class TensorBatches:
+    """Batches of an in-memory (images, labels) pair: this rank's shard, reshuffled each epoch (see the rule above)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         self.images, self.labels = tensors
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
-        # Training pads every rank to the same shard size (DDP needs equal steps); evaluation never pads.
-        n = len(self.labels)
-        self.shard = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-            order = torch.cat([order, order[: self.shard * self.world_size - n]])
-        else:
-            order = torch.arange(n)
-        return order[self.rank :: self.world_size]
+    def indices(self) -> torch.Tensor:
+        return shard_indices(len(self.labels), self.rank, self.world_size,
+                             seed=self.seed if self.shuffle else None, epoch=self.epoch)
 
     def __len__(self) -> int:
-        return self.shard // self.batch_size if self.drop_last else math.ceil(self.shard / self.batch_size)
+        return len(batch_slices(len(self.indices()), self.batch_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._indices()
-        for i in range(len(self)):
-            batch = idx[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.images[batch], self.labels[batch]
+        idx = self.indices()
+        for part in batch_slices(len(idx), self.batch_size):
+            yield self.images[idx[part]], self.labels[idx[part]]
+
+
+class ShardBatchSampler:
+    """The same sharding rule for DataLoader-backed sets (imagefolder): yields lists of dataset indices."""
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, rank: int, world_size: int, seed: int = 0):
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        shard = math.ceil(self.n / self.world_size) if self.shuffle else len(range(self.rank, self.n, self.world_size))
+        return len(batch_slices(shard, self.batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = shard_indices(self.n, self.rank, self.world_size, seed=self.seed if self.shuffle else None,
+                            epoch=self.epoch)
+        for part in batch_slices(len(idx), self.batch_size):
+            yield idx[part].tolist()
 
 
 class _EpochLoader:
-    """A DataLoader whose sampler follows set_epoch, so both loader kinds share one interface."""
+    """A DataLoader whose batch sampler follows set_epoch, so both loader kinds share one interface."""
 
     def __init__(self, loader: DataLoader):
         self.loader = loader
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(epoch)
+        self.loader.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -163,24 +197,20 @@ class _EpochLoader:
 
 
 def make_loaders(bundle: DataBundle, data, *, rank: int = 0, world_size: int = 1, seed: int = 0):
-    """(train, val) loaders for this rank. Validation is sharded without padding; counts are summed across ranks."""
+    """(train, val) loaders for this rank; `data.batch_size` is per rank (global batch = batch_size × world_size)."""
+    n_train, n_val = bundle.sizes
+    if data.batch_size > math.ceil(n_train / world_size):
+        raise SpecError(f"data.batch_size {data.batch_size} is larger than each rank's share of the"
+                        f" {n_train} training images ({math.ceil(n_train / world_size)} on {world_size} rank(s))")
     if bundle.in_memory:
-        train = TensorBatches(bundle.train, data.batch_size, shuffle=True, drop_last=True,
-                              rank=rank, world_size=world_size, seed=seed)
-        val = TensorBatches(bundle.val, data.batch_size * 2, shuffle=False, drop_last=False,
-                            rank=rank, world_size=world_size)
-        if len(train) == 0:
-            raise SpecError(f"data.batch_size {data.batch_size} is larger than this rank's {train.shard} training images")
-        return train, val
-    train_sampler = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-    val_sampler = DistributedSampler(bundle.val, world_size, rank, shuffle=False)
-    if world_size > 1 and len(bundle.val) % world_size:
-        # DistributedSampler pads by repeating images; shard evenly by hand so each image is counted once.
-        val_sampler = list(range(rank, len(bundle.val), world_size))
+        return (TensorBatches(bundle.train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed),
+                TensorBatches(bundle.val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size))
     common = dict(num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=data.num_workers > 0)
-    return (_EpochLoader(DataLoader(bundle.train, data.batch_size, sampler=train_sampler, drop_last=True, **common)),
-            _EpochLoader(DataLoader(bundle.val, data.batch_size * 2, sampler=val_sampler, **common)))
+    train = ShardBatchSampler(n_train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed)
+    val = ShardBatchSampler(n_val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
+    return (_EpochLoader(DataLoader(bundle.train, batch_sampler=train, **common)),
+            _EpochLoader(DataLoader(bundle.val, batch_sampler=val, **common)))
 
 
 # ------------------------------------------------------------------------------------------------ batch pipeline

@@ -7,10 +7,12 @@ are summed across ranks; nothing else changes.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
@@ -63,21 +65,36 @@ class Engine:
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             self.trainable = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = create_optimizer_v2(self.model, optim.opt, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.global_batch = data.batch_size * world_size
+        self.lr = optim.scaled_lr(self.global_batch)
+        self.optimizer = create_optimizer_v2(self.model, optim.opt, lr=self.lr, weight_decay=optim.weight_decay)
         self.scheduler = None
         if optim.sched != "none":
             self.scheduler, _ = create_scheduler_v2(
                 self.optimizer, optim.sched, num_epochs=optim.epochs, warmup_epochs=optim.warmup_epochs,
-                min_lr=optim.min_lr, warmup_lr=optim.lr * 0.01, step_on_epochs=False,
+                min_lr=optim.min_lr, warmup_lr=self.lr * 0.01, step_on_epochs=False,
                 updates_per_epoch=len(self.train_loader))
         self.amp = run.amp and device.type == "cuda"
+        self.seed = run.seed
         self.epoch = 0  # epochs completed
-        torch.manual_seed(run.seed * 1000 + rank)  # augmentation randomness differs per rank, repeatable per seed
+        self.history: list[dict[str, float]] = []  # every completed epoch's metrics, kept in checkpoints
+
+    def _seed_epoch(self) -> None:
+        """Reseed every RNG that augmentation and dropout draw from, from (seed, rank, epoch).
+
+        Checkpoints fall on epoch boundaries, so a resumed run draws exactly the random numbers an uninterrupted one
+        would have: no generator state needs saving, and it holds even when the number of workers changes.
+        """
+        seed = (self.seed * 1_000_003 + self.rank * 10_007 + self.epoch) % 2**31
+        torch.manual_seed(seed)  # CPU and every CUDA device
+        np.random.seed(seed)  # timm Mixup
+        random.seed(seed)  # timm RandomErasing
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else {}, "epoch": self.epoch}
+                "scheduler": self.scheduler.state_dict() if self.scheduler else {}, "epoch": self.epoch,
+                "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -85,6 +102,7 @@ class Engine:
         if self.scheduler and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))[: self.epoch]
 
     # ---------------------------------------------------------------------------------------------- steps
     def _autocast(self):
@@ -93,12 +111,14 @@ class Engine:
     def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
         if self.teacher is None:
             return None
-        with torch.no_grad(), self._autocast():
-            return self.teacher(images).float()
+        with torch.inference_mode(), self._autocast():
+            logits = self.teacher(images).float()
+        return logits.clone()  # a normal tensor again: the loss saves it for backward, inference tensors can't be
 
     def train_epoch(self) -> dict[str, float]:
         self.trainable.train()
         self.train_loader.set_epoch(self.epoch)
+        self._seed_epoch()
         c = self.loss_config
         teacher = self.teacher if c.mode != "none" else None
         sums = torch.zeros(3, device=self.device)  # loss, base, kd
@@ -163,6 +183,8 @@ class Engine:
             metrics = self.train_epoch()
             metrics.update(self.evaluate())
             metrics["epoch"] = self.epoch
+            metrics["best_acc"] = max([m["acc"] for m in self.history] + [metrics["acc"]])
+            self.history.append(dict(metrics))
             yield metrics
 
 

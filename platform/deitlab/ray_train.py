@@ -14,26 +14,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import BadCheckpoint, Storage, read_checkpoint, write_checkpoint
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
 from .tracking import Tracking
 
 log = logging.getLogger("deitlab.train")
 
-STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything a worker needs, as one typed object: the spec, where to track, and the MLflow run to log to."""
+    """Everything a worker needs, as one typed object: the spec, where to track, the MLflow run, the Ray run name."""
 
     spec: ExperimentSpec | TeacherTrainingSpec
     tracking: Tracking
     run_id: str | None = None
+    name: str = "run"  # Ray Train run name = the run's directory in storage
 
     @property
     def is_teacher(self) -> bool:
         return isinstance(self.spec, TeacherTrainingSpec)
+
+
+def ray_run_name(run_name: str, run_id: str) -> str:
+    """The storage directory of an MLflow run's Ray Train run: `--resume` finds it again from the run id."""
+    return f"{run_name}-{run_id[:8]}"
 
 
 # --------------------------------------------------------------------------------------------------- Ray start
@@ -82,9 +88,32 @@ def resolve_teacher_file(teacher: TeacherSpec, tracking: Tracking) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- worker loop
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def _restore(engine, storage: Storage, run_name: str, device) -> str | None:
+    """Load Ray's latest checkpoint into the engine; if it is damaged, the newest complete one. Returns its path."""
     import ray.train
-    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    state, path = None, checkpoint.path
+    with checkpoint.as_directory() as directory:
+        try:
+            state = read_checkpoint(directory, map_location=device)
+        except BadCheckpoint as err:
+            log.warning("skipping checkpoint %s: %s", storage.display(path), err)
+    if state is None:
+        found = storage.latest_valid(run_name, map_location=device, skip=(path,))
+        if found is None:
+            log.warning("no complete checkpoint of %s is left: starting again from epoch 0", run_name)
+            return None
+        state, path = found
+    engine.load_state_dict(state)
+    return storage.display(path)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One rank: build the engine, resume, then per epoch report (+ checkpoint) and log to MLflow exactly once."""
+    import ray.train
 
     from .engine import experiment_engine, pick_device, teacher_engine
     from .models import save_model
@@ -99,32 +128,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         teacher_file = resolve_teacher_file(spec.teacher, job.tracking) if spec.teacher else None
         engine = experiment_engine(spec, teacher_file, device=device, rank=rank, world_size=world_size)
+    resumed_from = _restore(engine, Storage.open(spec.run.resolved_storage, create=False), job.name, device)
 
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            engine.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True))
+    # MLflow holds each epoch once: epochs it already has (logged before a failure) are not logged again, and epochs
+    # the checkpoint has but MLflow lacks (a failure between checkpoint and logging) are filled in from its history.
+    tracked = rank == 0 and job.run_id is not None
+    logged = job.tracking.logged_epochs(job.run_id) if tracked else set()
+    if tracked:
+        for metrics in engine.history:
+            if metrics["epoch"] not in logged:
+                job.tracking.log_metrics(job.run_id, metrics, step=int(metrics["epoch"]))
+                logged.add(metrics["epoch"])
+        if resumed_from:
+            log.warning("%s: resumed from checkpoint %s (epoch %d)", job.name, resumed_from, engine.epoch)
+            job.tracking.record_resume(job.run_id, resumed_from, engine.epoch)
 
     epochs, every = spec.optim.epochs, spec.run.checkpoint_every
-    best = 0.0
     for metrics in engine.run(epochs):
-        best = max(best, metrics["acc"])
-        metrics["best_acc"] = best
         last = engine.epoch == epochs
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0 and (last or engine.epoch % every == 0):
-                torch.save(engine.state_dict(), Path(tmp) / STATE_FILE)
+                extra: tuple[str, ...] = ()
                 if last and job.is_teacher:
                     bundle = engine.bundle
                     save_model(Path(tmp) / MODEL_FILE, engine.model, arch=spec.arch, model_kwargs=spec.model_kwargs,
                                num_classes=bundle.num_classes, in_chans=bundle.in_chans,
                                metadata={"accuracy": metrics["acc"], "img_size": bundle.img_size,
                                          "mean": bundle.mean, "std": bundle.std})
+                    extra = (MODEL_FILE,)
+                write_checkpoint(tmp, engine.state_dict(), extra_files=extra)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if rank == 0 and job.run_id:
-                job.tracking.log_metrics(job.run_id, metrics, step=engine.epoch)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint)  # returns once the checkpoint is in storage
+        if tracked and engine.epoch not in logged:
+            job.tracking.log_metrics(job.run_id, metrics, step=engine.epoch)
+            logged.add(engine.epoch)
 
 
 # --------------------------------------------------------------------------------------------------- driver side
@@ -134,21 +172,51 @@ def scaling_config(run: RunSpec):
     resources = {"CPU": run.cpus_per_worker}
     if run.gpus_per_worker > 0:
         resources["GPU"] = run.gpus_per_worker
-    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0, resources_per_worker=resources)
+    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0, resources_per_worker=resources,
+                         placement_strategy=run.placement.upper())
 
 
-def fit(job: TrainJob, name: str, callbacks: list | None = None):
-    """Run one TorchTrainer to completion; returns Ray's Result (checkpoint = the last epoch's)."""
-    from ray.train import CheckpointConfig, RunConfig
+def _failure_recorder(job: TrainJob):
+    """A Train callback (it runs in the Train controller) that records worker failures on the MLflow run."""
+    from ray.train import UserCallback
+
+    class FailureRecorder(UserCallback):
+        def __init__(self):
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.failures += 1
+            rank, error = next(iter(sorted(worker_exceptions.items())))
+            text = " ".join(str(error).split())[:250] or type(error).__name__
+            job.tracking.try_set_tags(job.run_id, {"deitlab.worker_failures": self.failures,
+                                               "deitlab.last_failure": f"rank {rank}: {text}"})
+
+    return FailureRecorder()
+
+
+def fit(job: TrainJob, callbacks: list | None = None):
+    """Run one TorchTrainer to completion; returns Ray's Result (checkpoint = the last epoch's).
+
+    Worker failures restart the worker group from the latest checkpoint up to run.max_failures times. A run
+    started again under the same name and storage (`--resume`) continues from its latest checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     run = job.spec.run
+    storage = Storage.open(run.resolved_storage)
+    if job.run_id:
+        callbacks = [*(callbacks or []), _failure_recorder(job)]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=scaling_config(run),
-        run_config=RunConfig(name=name, storage_path=run.resolved_storage, callbacks=callbacks or [],
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(
+            name=job.name, storage_path=storage.root, storage_filesystem=storage.filesystem,
+            callbacks=callbacks or [], failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints,
+                                               checkpoint_score_attribute=run.checkpoint_metric,
+                                               checkpoint_score_order=run.checkpoint_order)),
     )
     return trainer.fit()
 
@@ -175,26 +243,43 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking) ->
 
 
 def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str], callbacks=None,
-                 parent_id: str | None = None, on_success=None) -> TrainOutcome:
-    """Open an MLflow run, fit, close the run FINISHED or FAILED (never left RUNNING)."""
-    run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags=tags, parent_id=parent_id)
+                parent_id: str | None = None, on_success=None, resume_run_id: str | None = None) -> TrainOutcome:
+    """Open (or reopen) an MLflow run, fit, and close it FINISHED, FAILED or KILLED (never left RUNNING)."""
+    from .tracking import RESUMED_FROM_TAG, RESUMES_TAG
+
+    if resume_run_id:
+        run_id = resume_run_id
+        tracking.reopen_run(run_id)
+    else:
+        run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags=tags, parent_id=parent_id)
+    job = TrainJob(job_spec, tracking, run_id, ray_run_name(run_name, run_id))
     try:
-        result = fit(TrainJob(job_spec, tracking, run_id), name=f"{run_name}-{run_id[:8]}", callbacks=callbacks)
+        result = fit(job, callbacks=callbacks)
         extra = on_success(run_id, result) if on_success else None
+    except KeyboardInterrupt:
+        tracking.end_run(run_id, "KILLED")
+        raise
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id, "FINISHED")
+    recorded = tracking.client.get_run(run_id).data.tags
+    if RESUMED_FROM_TAG in recorded:
+        log.warning("%s: resumed %s time(s), last from checkpoint %s", run_name, recorded.get(RESUMES_TAG, "1"),
+                    recorded[RESUMED_FROM_TAG])
     return TrainOutcome(run_id, dict(result.metrics or {}), extra)
 
 
-def train_experiment(spec: ExperimentSpec) -> TrainOutcome:
+def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | None = None) -> TrainOutcome:
+    """Train one experiment as a new MLflow run, or (resume) continue an unfinished one from its last checkpoint."""
     from .tracking import KIND_TAG
 
     tracking = Tracking.for_run(spec.run)
     tracking.experiment_id()
+    resume_id = tracking.resumable_run(spec.name, spec.flat_params(), run_id).info.run_id if resume else None
+    Storage.open(spec.run.resolved_storage)  # a bad or unreachable storage URI fails here, in one line
     preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking)
-    return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"})
+    return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"}, resume_run_id=resume_id)
 
 
 def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> TrainOutcome:

@@ -175,9 +175,22 @@ class OptimSpec(_Strict):
     warmup_epochs: int = Field(1, ge=0)
     min_lr: float = Field(1e-5, ge=0)
     clip_grad: float | None = Field(None, gt=0)
+    lr_base_batch: int | None = Field(
+        None, gt=0, description="when set, `lr` is the rate for this global batch and is scaled linearly to the real"
+                                " one (DeiT: lr 5e-4 at 512); when unset, `lr` is used as given")
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The learning rate for `global_batch` images per step (per-worker batch × workers)."""
+        return self.lr if self.lr_base_batch is None else self.lr * global_batch / self.lr_base_batch
 
 
 # ------------------------------------------------------------------------------------------------------------- run
+# Every metric an epoch reports (engine.Engine.run); checkpoints can be ranked by any of them.
+EPOCH_METRICS = frozenset({
+    "acc", "acc_cls", "acc_dist", "acc_fused", "acc_teacher", "agreement", "val_loss", "train_loss",
+    "train_base_loss", "train_kd_loss", "best_acc"})
+
+
 class RunSpec(_Strict):
     workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -189,7 +202,29 @@ class RunSpec(_Strict):
     storage: str | None = Field(None, description="Ray storage path (local dir or s3://...); default WORKDIR/ray_results")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in WORKDIR")
     experiment: str = Field("deitlab", description="MLflow experiment name")
-    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")
+    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints (the last epoch always has one)")
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept: the best by checkpoint_metric, plus the latest")
+    checkpoint_metric: str = Field("acc", description="metric that ranks checkpoints, e.g. acc, val_loss")
+    checkpoint_order: Literal["max", "min"] = "max"
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack", description="Ray placement of the workers: pack onto few nodes, or spread over nodes")
+
+    @field_validator("storage")
+    @classmethod
+    def _no_credentials_in_storage(cls, uri: str | None) -> str | None:
+        # run.storage is logged as an MLflow param: credentials belong in the environment (AWS_* variables, profiles).
+        if uri and any(k in uri.lower() for k in ("access_key", "secret_key", "session_token", "@")):
+            raise ValueError("credentials do not belong in run.storage; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                             " (or a profile) in the environment")
+        return uri
+
+    @field_validator("checkpoint_metric")
+    @classmethod
+    def _known_metric(cls, name: str) -> str:
+        if name not in EPOCH_METRICS:
+            raise ValueError(f"unknown metric '{name}' (one of {', '.join(sorted(EPOCH_METRICS))})")
+        return name
 
     @property
     def workdir_path(self) -> Path:

@@ -66,12 +66,15 @@ def _run_trials(trial_fn, names: list[str], run, tune_name: str, max_concurrent:
     """A Tune grid over trial names, each trial a function that fits its own TorchTrainer. Returns failed names."""
     from ray import tune
 
+    from .checkpoints import Storage
+
+    storage = Storage.open(run.resolved_storage)
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, {"cpu": TRIAL_CPU}),
         param_space={"trial": tune.grid_search(names)},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or _fitting_trials(run)),
-        run_config=tune.RunConfig(name=tune_name, storage_path=run.resolved_storage, callbacks=callbacks or [],
-                                  verbose=0),
+        run_config=tune.RunConfig(name=tune_name, storage_path=storage.root, storage_filesystem=storage.filesystem,
+                                  callbacks=callbacks or [], verbose=0),
     )
     return [r.config["trial"] for r in tuner.fit() if r.error is not None]
 

@@ -22,6 +22,12 @@ KIND_TAG = "deitlab.kind"  # sweep | trial | teacher | train
 TEACHER_ACC_TAG = "deitlab.accuracy"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
+EPOCH_METRIC = "epoch"  # logged with every epoch's metrics: its history says which epochs MLflow has
+RESUMED_FROM_TAG = "deitlab.resumed_from"
+RESUMES_TAG = "deitlab.resumes"
+# Run fields that may differ when a run is resumed: they change how it runs, not what it computes.
+RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
+                               "run.max_failures", "run.placement", "run.checkpoint_every", "run.keep_checkpoints"})
 
 
 def _client(tracking_uri: str):
@@ -105,6 +111,64 @@ class Tracking:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, _stringify(v)) for k, v in tags.items()])
+
+    def try_set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """set_tags for workers and callbacks: a tracking error is a warning, never a failed run."""
+        try:
+            self.set_tags(run_id, tags)
+        except Exception as err:
+            log.warning("MLflow tags not recorded (%s)", _one_line(err))
+
+    def logged_epochs(self, run_id: str) -> set[int]:
+        """Epochs already in the run's metric history (rank 0 reads this on every start, so none is logged twice)."""
+        try:
+            return {int(m.step) for m in self.client.get_metric_history(run_id, EPOCH_METRIC)}
+        except Exception as err:
+            log.warning("could not read the run's logged epochs (%s); epochs may be logged again", _one_line(err))
+            return set()
+
+    def record_resume(self, run_id: str, checkpoint: str, epoch: int) -> None:
+        try:
+            resumes = int(self.client.get_run(run_id).data.tags.get(RESUMES_TAG, "0")) + 1
+        except Exception:
+            resumes = 1
+        self.try_set_tags(run_id, {RESUMED_FROM_TAG: f"{checkpoint} (epoch {epoch})", RESUMES_TAG: resumes})
+
+    def resumable_run(self, name: str, params: dict[str, Any], run_id: str | None = None):
+        """The run `--resume` continues: `run_id`, or the newest unfinished `train` run called `name`.
+
+        Its recorded params must match the spec, except how it is executed (RESUMABLE_CHANGES).
+        """
+        experiment_id = self.experiment_id(create=False)
+        if experiment_id is None:
+            raise SpecError(f"--resume: no MLflow experiment '{self.experiment}' at '{self.tracking_uri}'")
+        client = self.client
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+            except Exception:
+                raise SpecError(f"--resume: no MLflow run '{run_id}' at '{self.tracking_uri}'") from None
+        else:
+            found = client.search_runs([experiment_id], f"attributes.run_name = '{name}' and tags.`{KIND_TAG}` = 'train'"
+                                       " and attributes.status != 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+            if not found:
+                raise SpecError(f"--resume: no unfinished run '{name}' in experiment '{self.experiment}'")
+            run = found[0]
+        if run.data.tags.get(KIND_TAG) != "train" or run.info.run_name != name:
+            raise SpecError(f"--resume: run {run.info.run_id} is not a `deitlab train` run of '{name}'")
+        if run.info.status == "FINISHED":
+            raise SpecError(f"--resume: run {run.info.run_id} has already finished")
+        changed = sorted(k for k, v in params.items()
+                         if k not in RESUMABLE_CHANGES and run.data.params.get(k) != _stringify(v))
+        if changed:
+            shown = ", ".join(f"{k} ({run.data.params.get(k)} -> {_stringify(params[k])})" for k in changed[:4])
+            raise SpecError(f"--resume: the spec differs from run {run.info.run_id} in {shown}; resume with the spec"
+                            " the run started with")
+        return run
+
+    def reopen_run(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

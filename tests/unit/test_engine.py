@@ -1,7 +1,8 @@
 """The framework-free loop learns on real digits and reports every metric; it resumes from its own state."""
 import torch
 
-from deitlab.engine import Engine, LossConfig, experiment_engine, teacher_engine
+from deitlab.checkpoints import read_checkpoint, write_checkpoint
+from deitlab.engine import experiment_engine, teacher_engine
 from deitlab.models import save_model
 from deitlab.spec import ExperimentSpec, OptimSpec, RunSpec, TeacherTrainingSpec, validate
 
@@ -31,15 +32,48 @@ def test_teacher_learns_digits_then_distils_a_student(tmp_path):
     assert metrics["acc_fused"] > 0.25  # chance is 0.10; a 2-block ViT is a slow starter
 
 
-def test_resume_continues_from_saved_state():
-    spec = validate(ExperimentSpec, {"student": {"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 1},
-                                     "distillation": {"mode": "none"}, "optim": {"epochs": 2},
-                                     "data": {"dataset": "synthetic", "synthetic_size": 64, "img_size": 8}})
-    first = experiment_engine(spec, None, device=CPU)
-    list(first.run(1))
-    state = first.state_dict()
-    second = experiment_engine(spec, None, device=CPU)
-    second.load_state_dict(state)
-    assert second.epoch == 1
-    assert [m["epoch"] for m in second.run(2)] == [2]
-    assert torch.equal(next(iter(state["model"].values())), next(iter(first.model.state_dict().values())))
+TIMING = {"epoch_time_s", "train_images_per_s"}
+AUGMENTED = {"student": {"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 1, "drop_path_rate": 0.1},
+             "distillation": {"mode": "none"}, "optim": {"epochs": 3},
+             "data": {"dataset": "synthetic", "synthetic_size": 96, "img_size": 8, "batch_size": 16,
+                      "augment": {"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25, "hflip": True}}}
+
+
+def _values(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+def test_same_spec_and_seed_give_the_same_metrics_and_another_seed_does_not():
+    spec = validate(ExperimentSpec, AUGMENTED)
+    first = _values(experiment_engine(spec, None, device=CPU).run(3))
+    again = _values(experiment_engine(spec, None, device=CPU).run(3))
+    assert first == again
+    other = _values(experiment_engine(spec.with_overrides({"run.seed": 1}), None, device=CPU).run(3))
+    assert [m["train_loss"] for m in other] != [m["train_loss"] for m in first]
+
+
+def test_resume_from_a_checkpoint_continues_bit_for_bit(tmp_path):
+    """Mixup, cutmix, erasing, flips, drop-path: every RNG the loop draws from is where it would have been."""
+    spec = validate(ExperimentSpec, AUGMENTED)
+    straight = experiment_engine(spec, None, device=CPU)
+    expected = _values(straight.run(3))
+
+    interrupted = experiment_engine(spec, None, device=CPU)
+    list(interrupted.run(1))
+    write_checkpoint(tmp_path, interrupted.state_dict())
+    torch.manual_seed(12345)  # whatever happened in between must not matter
+    resumed = experiment_engine(spec, None, device=CPU)
+    resumed.load_state_dict(read_checkpoint(tmp_path))
+    assert resumed.epoch == 1 and _values(resumed.history) == expected[:1]
+    assert _values(resumed.run(3)) == expected[1:]
+    assert _values(resumed.history) == expected
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_lr_is_scaled_linearly_with_the_global_batch():
+    spec = validate(ExperimentSpec, {**AUGMENTED, "optim": {"lr": 5e-4, "lr_base_batch": 512, "sched": "none"}})
+    assert spec.optim.scaled_lr(16 * 2) == 5e-4 * 32 / 512
+    assert validate(ExperimentSpec, {**AUGMENTED, "optim": {"lr": 1e-3}}).optim.scaled_lr(32) == 1e-3
+    engine = experiment_engine(spec, None, device=CPU)
+    assert engine.global_batch == 16 and engine.optimizer.param_groups[0]["lr"] == 5e-4 * 16 / 512

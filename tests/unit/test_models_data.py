@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from deitlab.data import DataBundle, TensorBatches, load_data, random_affine, BatchPipeline
+from deitlab.data import (BatchPipeline, DataBundle, ShardBatchSampler, TensorBatches, batch_slices, load_data,
+                          random_affine)
 from deitlab.errors import SpecError
 from deitlab.models import build_classifier, build_student, load_teacher, save_model, student_heads
 from deitlab.spec import DataSpec, DistillationSpec, StudentSpec, AugmentSpec
@@ -73,19 +74,48 @@ def test_digits_split_is_real_fixed_and_resized():
     assert torch.bincount(bundle.val[1]).min() >= 35  # stratified: every digit in validation
 
 
-def test_sharded_batches_cover_every_image_once_per_epoch():
-    images, labels = torch.arange(10).float().view(10, 1, 1, 1), torch.arange(10)
-    seen = []
-    for rank in range(3):
-        val = TensorBatches((images, labels), 2, shuffle=False, drop_last=False, rank=rank, world_size=3)
-        seen += [int(v) for _, y in val for v in y]
-    assert sorted(seen) == list(range(10))
-    train = [TensorBatches((images, labels), 2, shuffle=True, drop_last=True, rank=r, world_size=3, seed=1)
-             for r in range(3)]
-    assert len({len(t) for t in train}) == 1  # equal steps per rank (DDP needs it)
-    first = [int(v) for _, y in train[0] for v in y]
-    train[0].set_epoch(1)
-    assert first != [int(v) for _, y in train[0] for v in y]  # reshuffled per epoch
+@pytest.mark.parametrize("n,world,batch", [(10, 3, 2), (1438, 2, 16), (1438, 1, 32), (7, 4, 1), (11, 2, 5)])
+def test_shards_cover_every_image_once_plus_documented_padding(n, world, batch):
+    images, labels = torch.arange(n).float().view(n, 1, 1, 1), torch.arange(n)
+    for epoch in (0, 3):
+        val_seen, train_seen, steps = [], [], set()
+        for rank in range(world):
+            val = TensorBatches((images, labels), batch, shuffle=False, rank=rank, world_size=world)
+            val_seen += [int(v) for _, y in val for v in y]
+            train = TensorBatches((images, labels), batch, shuffle=True, rank=rank, world_size=world, seed=1)
+            train.set_epoch(epoch)
+            batches = [y.tolist() for _, y in train]
+            assert all(len(b) >= min(2, n // world) for b in batches)  # no batch of one (BatchNorm teachers)
+            steps.add(len(batches))
+            train_seen += [v for b in batches for v in b]
+            sampler = ShardBatchSampler(n, batch, shuffle=True, rank=rank, world_size=world, seed=1)
+            sampler.set_epoch(epoch)
+            assert list(sampler) == batches and len(sampler) == len(batches)  # imagefolder: the same rule
+        assert sorted(val_seen) == list(range(n))  # validation: exactly once, no padding
+        assert len(steps) == 1  # equal steps per rank (DDP needs it)
+        assert set(train_seen) == set(range(n))  # no image dropped
+        assert len(train_seen) - n == (-n) % world  # padding: fewer than world_size repeats
+
+
+def test_shards_reshuffle_per_epoch_and_match_one_worker_at_the_same_global_batch():
+    n = 100
+    images, labels = torch.arange(n).float().view(n, 1, 1, 1), torch.arange(n)
+    one = TensorBatches((images, labels), 20, shuffle=True, seed=5)
+    two = [TensorBatches((images, labels), 10, shuffle=True, rank=r, world_size=2, seed=5) for r in range(2)]
+    first = [y.tolist() for _, y in one]
+    one.set_epoch(1)
+    assert first != [y.tolist() for _, y in one]
+    for loader in two:
+        loader.set_epoch(1)
+    # each global step sees the same images whether one worker or two share it
+    for single, *pair in zip(one, *two):
+        assert sorted(single[1].tolist()) == sorted(pair[0][1].tolist() + pair[1][1].tolist())
+
+
+def test_batch_slices_merge_a_single_trailing_image():
+    assert batch_slices(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert batch_slices(9, 3) == [slice(0, 3), slice(3, 6), slice(6, 9)]
+    assert batch_slices(1, 3) == [slice(0, 1)]
 
 
 def test_random_affine_identity_and_shift():

@@ -1,0 +1,179 @@
+"""Checkpoints that are never picked half-written, on a local disk or S3-compatible object storage.
+
+A checkpoint is a directory holding `state.pt` (model, optimiser, schedule, epoch, metric history) and, written last,
+`manifest.json` with the epoch and each file's size and SHA-256. A directory without a manifest, or whose files do
+not match it (an interrupted upload, a truncated file), is skipped with a warning and the next older one is used.
+
+Storage is a pyarrow filesystem (what Ray Train itself writes through): a local path, or
+`s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http` for MinIO, moto or any S3-compatible endpoint.
+Credentials come from the environment of each process (AWS_ACCESS_KEY_ID, profiles, instance roles), never the spec.
+This module needs torch and pyarrow only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import torch
+
+from .errors import SpecError
+
+log = logging.getLogger("deitlab.checkpoints")
+
+FORMAT = "deitlab.checkpoint/1"
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+PREFIX = "checkpoint_"  # Ray Train's directory names: checkpoint_<timestamp>
+
+
+class BadCheckpoint(Exception):
+    """A checkpoint directory that must not be loaded (incomplete, truncated or corrupt)."""
+
+
+# ------------------------------------------------------------------------------------------------ write / read
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, Any], *, extra_files: tuple[str, ...] = ()) -> None:
+    """Write state.pt, then the manifest (last: its presence marks the directory complete)."""
+    directory = Path(directory)
+    torch.save(state, directory / STATE_FILE)
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in (STATE_FILE, *extra_files)}
+    manifest = {"format": FORMAT, "epoch": int(state["epoch"]), "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint directory; BadCheckpoint naming what is wrong otherwise."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadCheckpoint("no manifest.json (written partially?)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadCheckpoint("manifest.json is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BadCheckpoint(f"manifest.json is not a {FORMAT} manifest")
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise BadCheckpoint(f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise BadCheckpoint(f"{name} is truncated ({size} of {expected['bytes']} bytes)")
+        if _sha256(path) != expected["sha256"]:
+            raise BadCheckpoint(f"{name} does not match its checksum")
+    return manifest
+
+
+def read_checkpoint(directory: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The verified training state in a checkpoint directory (tensors only: weights_only=True)."""
+    verify_checkpoint(directory)
+    try:
+        return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as err:  # a file that matches its manifest but still does not unpickle
+        raise BadCheckpoint(f"{STATE_FILE} does not load: {' '.join(str(err).split())[:200]}") from None
+
+
+# ------------------------------------------------------------------------------------------------------ storage
+def _with_region(uri: str) -> str:
+    """pyarrow needs a region for custom endpoints (else it asks AWS); add the environment's or us-east-1."""
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("region", os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_override" not in query:
+        split = urlsplit(endpoint)
+        query["endpoint_override"] = split.netloc or endpoint
+        query.setdefault("scheme", split.scheme or "https")
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a run's Ray results and checkpoints live: a pyarrow filesystem and a root path on it."""
+
+    filesystem: Any  # pyarrow.fs.FileSystem
+    root: str
+    uri: str  # as the user wrote it, for messages
+
+    @classmethod
+    def open(cls, uri: str, create: bool = True) -> Storage:
+        """Resolve `uri` (local path or s3://…) and check it can be written: SpecError in one line if not."""
+        import pyarrow.fs as pafs
+
+        try:
+            if uri.startswith("s3://"):
+                filesystem, root = pafs.FileSystem.from_uri(_with_region(uri))
+            elif "://" in uri and not uri.startswith("file://"):
+                raise SpecError(f"run.storage '{uri}': expected a local path or s3://bucket/prefix")
+            else:
+                root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
+                filesystem = pafs.LocalFileSystem()
+            if create:
+                filesystem.create_dir(root, recursive=True)
+                filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        except SpecError:
+            raise
+        except Exception as err:  # unreachable endpoint, no such bucket, denied, bad URI
+            raise SpecError(f"run.storage '{uri}': {' '.join(str(err).split())[:300]}") from None
+        return cls(filesystem, root.rstrip("/"), uri)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def checkpoints(self, run_name: str) -> list[str]:
+        """Checkpoint directory paths of a Ray Train run, newest name (timestamp) first."""
+        import pyarrow.fs as pafs
+
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(run_name), allow_not_found=True))
+        found = [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(PREFIX)]
+        return sorted(found, reverse=True)
+
+    def download(self, path: str, destination: Path) -> Path:
+        import pyarrow.fs as pafs
+
+        destination.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(destination), source_filesystem=self.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return destination
+
+    def display(self, path: str) -> str:
+        """A path as the user would write it (s3://bucket/key for S3)."""
+        return f"s3://{path}" if self.uri.startswith("s3://") else path
+
+    def _epoch(self, path: str) -> int | None:
+        """The epoch a checkpoint's manifest claims, or None (warned) when it has no readable manifest."""
+        try:
+            with self.filesystem.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
+                return int(json.loads(f.read())["epoch"])
+        except Exception:
+            log.warning("skipping checkpoint %s: no readable manifest.json (written partially?)", self.display(path))
+            return None
+
+    def latest_valid(self, run_name: str, map_location: Any = "cpu", skip: tuple[str, ...] = ()):
+        """(state, path) of the newest complete checkpoint of `run_name`, warning about each one skipped; or None.
+
+        Newest by epoch, not by name: best-k retention keeps older directories around.
+        """
+        epochs = {path: self._epoch(path) for path in self.checkpoints(run_name) if path not in skip}
+        for path in sorted((p for p, e in epochs.items() if e is not None), key=epochs.get, reverse=True):
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    return read_checkpoint(self.download(path, Path(tmp)), map_location), path
+                except BadCheckpoint as err:
+                    log.warning("skipping checkpoint %s: %s", self.display(path), err)
+        return None
