@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# The moto S3 server accepts any credentials; Ray's worker processes inherit these from the driver, so they must be
+# set before the session's Ray starts. Real credentials in the environment are left alone.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "deitlab-test", "AWS_SECRET_ACCESS_KEY": "deitlab-test",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+                     "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
+    os.environ.setdefault(_key, _value)
 
 TINY_STUDENT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -22,6 +28,41 @@ def ray_session():
     ensure_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real local S3 endpoint (moto's server) for the whole session: yields its host:port."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+
+
+def ray_processes(title_prefix: str) -> list[int]:
+    """Pids of local Ray processes whose title starts with `title_prefix` (Ray retitles them `ray::Class…`)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(title_prefix):
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 @pytest.fixture(scope="session")

@@ -239,7 +239,8 @@ class BatchPipeline:
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (augmented images, targets): integer labels, or soft targets when mixup/cutmix is on."""
-        if self.geometric:
+        a = self.augment
+        if self.geometric and (a.rotate or a.translate or tuple(a.scale) != (1, 1) or a.hflip):
             images = random_affine(images, self.augment.rotate, self.augment.translate, self.augment.scale,
                                    self.augment.hflip)
         images = self.normalize(images)

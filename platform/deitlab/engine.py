@@ -62,7 +62,8 @@ class Engine:
         if self.teacher is not None and device.type == "cuda":
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.trainable = self.model
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
+        self._distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        if self._distributed:
             self.trainable = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.global_batch = data.batch_size * world_size
@@ -145,6 +146,9 @@ class Engine:
             sums += torch.stack([parts.loss.detach(), parts.base, parts.kd])
         self.epoch += 1
         elapsed = time.perf_counter() - start
+        if self._distributed:  # every rank has the same number of steps: the mean of rank means is the global mean
+            dist.all_reduce(sums)
+            sums /= self.world_size
         loss, base, kd = (sums / max(steps, 1)).tolist()
         if not torch.isfinite(sums).all():
             raise FloatingPointError(f"training loss is not finite at epoch {self.epoch}")
@@ -169,7 +173,7 @@ class Engine:
                 totals[key] = totals.get(key, 0) + value.float()
         keys = sorted(totals)
         packed = torch.stack([totals[k] for k in keys] + [loss_sum])
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if self._distributed:
             dist.all_reduce(packed)
         counts = dict(zip(keys, packed.tolist()))
         metrics = accuracies_from_counts(counts)

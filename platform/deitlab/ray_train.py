@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import BadCheckpoint, Storage, read_checkpoint, write_checkpoint
+from .checkpoints import Storage, write_checkpoint
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
 from .tracking import Tracking
 
@@ -89,24 +89,16 @@ def resolve_teacher_file(teacher: TeacherSpec, tracking: Tracking) -> str:
 
 # --------------------------------------------------------------------------------------------------- worker loop
 def _restore(engine, storage: Storage, run_name: str, device) -> str | None:
-    """Load Ray's latest checkpoint into the engine; if it is damaged, the newest complete one. Returns its path."""
-    import ray.train
+    """Load the newest complete checkpoint of this run into the engine; returns where it came from.
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    Read from storage rather than `ray.train.get_checkpoint()`: a worker killed right after its checkpoint reached
+    storage, before the controller registered it, would otherwise make the restarted workers redo that epoch.
+    Damaged checkpoints are skipped with a warning (Storage.latest_valid).
+    """
+    found = storage.latest_valid(run_name, map_location=device)
+    if found is None:
         return None
-    state, path = None, checkpoint.path
-    with checkpoint.as_directory() as directory:
-        try:
-            state = read_checkpoint(directory, map_location=device)
-        except BadCheckpoint as err:
-            log.warning("skipping checkpoint %s: %s", storage.display(path), err)
-    if state is None:
-        found = storage.latest_valid(run_name, map_location=device, skip=(path,))
-        if found is None:
-            log.warning("no complete checkpoint of %s is left: starting again from epoch 0", run_name)
-            return None
-        state, path = found
+    state, path = found
     engine.load_state_dict(state)
     return storage.display(path)
 
@@ -276,8 +268,17 @@ def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | N
 
     tracking = Tracking.for_run(spec.run)
     tracking.experiment_id()
-    resume_id = tracking.resumable_run(spec.name, spec.flat_params(), run_id).info.run_id if resume else None
-    Storage.open(spec.run.resolved_storage)  # a bad or unreachable storage URI fails here, in one line
+    storage = Storage.open(spec.run.resolved_storage)  # a bad or unreachable storage URI fails here, in one line
+    resume_id = None
+    if resume:
+        resume_id = tracking.resumable_run(spec.name, spec.flat_params(), run_id).info.run_id
+        # Checked here too, so damaged checkpoints are reported where the user is looking; the workers repeat it.
+        found = storage.latest_valid(ray_run_name(spec.name, resume_id))
+        if found is None:
+            log.warning("run %s has no complete checkpoint: it starts again from epoch 0", resume_id)
+        else:
+            log.warning("resuming run %s from checkpoint %s (epoch %d)", resume_id, storage.display(found[1]),
+                        found[0]["epoch"])
     preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking)
     return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"}, resume_run_id=resume_id)
 
