@@ -19,8 +19,10 @@ app = typer.Typer(help="DeiT-style distillation experiments on Ray, tracked in M
                   pretty_exceptions_enable=False, add_completion=False)
 teacher_app = typer.Typer(help="Train and register teachers.", no_args_is_help=True)
 sweep_app = typer.Typer(help="Plan and run sweeps.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: figures for the README, never timed tests.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(sweep_app, name="sweep")
+app.add_typer(bench_app, name="bench")
 
 # Results (tables, JSON). Piped output gets room for the wide ablation table instead of rich's 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=160)
@@ -60,8 +62,13 @@ def _workdir_overrides(workdir: Optional[Path], prefix: str = "run.") -> dict:
     return {f"{prefix}workdir": str(workdir)} if workdir else {}
 
 
-def _ray(address: Optional[str]) -> None:
+def _ray(address: Optional[str], *runs) -> None:
+    """Check each run's storage (a bad URI fails in one line before Ray starts), then start or join Ray."""
+    from .checkpoints import Storage
     from .ray_train import ensure_ray
+
+    for run in runs:
+        Storage.open(run.resolved_storage)
 
     with err.status("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray…"):
         ensure_ray(address)
@@ -121,7 +128,7 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
     if workers is not None:
         overrides["run.workers"] = workers
     experiment = load_experiment(spec, overrides)
-    _ray(ray_address)
+    _ray(ray_address, experiment.run)
     verb = "resuming" if resume else "training"
     with err.status(f"{verb} '{experiment.name}' on {experiment.run.workers} worker(s)…"):
         outcome = train_experiment(experiment, resume=resume, run_id=run_id)
@@ -145,7 +152,7 @@ def teacher_train(specs: list[Path],
 
     overrides = {**parse_set(set_), **_workdir_overrides(workdir)}
     loaded = [load_teacher_training(s, overrides) for s in specs]
-    _ray(ray_address)
+    _ray(ray_address, *(t.run for t in loaded))
     _train_teachers(loaded)
 
 
@@ -191,7 +198,7 @@ def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help=
     from .spec import load_sweep, parse_set
 
     loaded = load_sweep(sweep, {**parse_set(set_), **_workdir_overrides(workdir, "experiment.run.")})
-    _ray(ray_address)
+    _ray(ray_address, loaded.experiment.run)
     _run_sweep(loaded)
 
 
@@ -256,7 +263,7 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
         sweep = load_sweep(spec_dir / "quickstart_sweep.yaml",
                            {**parse_set(set_), "experiment.run.workdir": str(workdir)})
     err.print(f"[bold]deitlab quickstart[/] — work directory {workdir}")
-    _ray(ray_address)
+    _ray(ray_address, sweep.experiment.run)
     err.print("[bold]1/3[/] training two teachers on digits (a small convnet and a small ViT)")
     _train_teachers(teachers)
     err.print(f"[bold]2/3[/] sweep '{sweep.name}': {len(sweep.trial_overrides())} trials, none/soft/hard × τ × λ × teacher")
@@ -266,3 +273,38 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
     out.print(f"\nfinished in {time.perf_counter() - start:.0f} s. Browse the runs:\n"
               f"  mlflow ui --backend-store-uri {sweep.experiment.run.resolved_tracking_uri}\n"
               f"  deitlab report {sweep.name} --workdir {workdir} --format json")
+
+
+@bench_app.command("overhead")
+@handled
+def bench_overhead(spec: Annotated[Optional[Path], typer.Argument(help="experiment spec (default: the bundled"
+                                                                        " bench_overhead.yaml)")] = None,
+                   set_: SetOption = None, ray_address: RayAddress = None,
+                   repeats: Annotated[int, typer.Option(min=1, help="bare and Ray runs, alternated, of each")] = 2,
+                   json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the figures here")]
+                   = None) -> None:
+    """The Ray Train path against the bare loop: same spec, device and data; one worker."""
+    from rich.table import Table
+
+    from .bench import measure_overhead
+    from .spec import load_experiment, parse_set
+
+    overrides = parse_set(set_)
+    if spec is None:
+        with resources.as_file(resources.files("deitlab") / "specs" / "bench_overhead.yaml") as bundled:
+            loaded = load_experiment(bundled, overrides)
+    else:
+        loaded = load_experiment(spec, overrides)
+    _ray(ray_address, loaded.run)
+    with err.status(f"bare loop and Ray Train, {repeats}× each, {loaded.optim.epochs} epochs per run…"):
+        result = measure_overhead(loaded, repeats)
+    table = Table(title=f"Ray Train overhead on {result.device}", title_justify="left")
+    for column in ("path", "steady epoch (s)", "total (s)"):
+        table.add_column(column)
+    table.add_row("bare Engine", f"{result.bare_epoch_s:.3f}", f"{result.bare_total_s:.1f}")
+    table.add_row("Ray Train, 1 worker", f"{result.ray_epoch_s:.3f}", f"{result.ray_total_s:.1f}")
+    out.print(table)
+    out.print(f"per-epoch overhead: {100 * result.epoch_overhead:+.1f}%  (median of {result.repeats} runs ×"
+              f" {result.epochs - 1} epochs per path, first epochs excluded; Ray's start-up is in the total)")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")

@@ -142,3 +142,38 @@ def test_stopped_run_resumes_from_s3_skipping_a_truncated_checkpoint(straight, r
 
     again = CliRunner().invoke(app, ["train", str(path), "--resume"])
     assert again.exit_code == 2 and "no unfinished run 'ft-stop'" in again.output
+
+
+def test_resume_refuses_a_changed_spec_and_a_stray_run_id(tmp_path):
+    from deitlab.errors import SpecError
+    from deitlab.tracking import Tracking
+
+    spec = _spec("ft-changed", tmp_path, str(tmp_path / "store"))
+    tracking = Tracking.for_run(spec.run)
+    run_id = tracking.start_run("ft-changed", params=spec.flat_params(), tags={"deitlab.kind": "train"})
+    assert tracking.resumable_run("ft-changed", spec.flat_params()).info.run_id == run_id
+    # more workers is how it runs; another learning rate is another experiment
+    assert tracking.resumable_run("ft-changed", spec.with_overrides({"run.workers": 1}).flat_params())
+    with pytest.raises(SpecError, match=r"differs from run .* in optim.lr \(0.002 -> 0.1\)"):
+        tracking.resumable_run("ft-changed", spec.with_overrides({"optim.lr": 0.1}).flat_params())
+    with pytest.raises(SpecError, match="no MLflow run 'nope'"):
+        tracking.resumable_run("ft-changed", spec.flat_params(), run_id="nope")
+    path = write_yaml(tmp_path / "e.yaml", json.dumps(spec.model_dump(by_alias=True, exclude_unset=True)))
+    result = CliRunner().invoke(app, ["train", str(path), "--run-id", run_id])
+    assert result.exit_code == 2 and "--run-id is only used with --resume" in result.output
+    bad = CliRunner().invoke(app, ["train", str(path), "--set", "run.storage=gs://bucket/x"])
+    assert bad.exit_code == 2 and "expected a local path or s3://bucket/prefix" in bad.output
+
+
+def test_bench_overhead_writes_both_paths_figures(ray_session, tmp_path):
+    out = tmp_path / "overhead.json"
+    result = CliRunner().invoke(app, ["bench", "overhead", "--repeats", "1", "--json", str(out),
+                                      "--set", f"run.workdir={tmp_path}", "--set", "optim.epochs=2",
+                                      "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=128"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["epochs"] == 2 and figures["repeats"] == 1 and figures["device"].startswith("CPU")
+    for key in ("bare_epoch_s", "ray_epoch_s", "bare_total_s", "ray_total_s"):
+        assert figures[key] > 0
+    assert figures["epoch_overhead"] == pytest.approx(figures["ray_epoch_s"] / figures["bare_epoch_s"] - 1)
+    assert "per-epoch overhead" in result.output
