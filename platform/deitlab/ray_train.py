@@ -57,7 +57,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         # A local Ray is never preempted (spot reclaim); its watcher would be one more process per trial.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -103,6 +103,19 @@ def _restore(engine, storage: Storage, run_name: str, device) -> str | None:
     return storage.display(path)
 
 
+def _worker_nodes(world_size: int) -> list[str]:
+    """Each rank's Ray node (short id), gathered on every rank: where the run actually ran, for its MLflow record."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()[:8]
+    if world_size == 1 or not dist.is_initialized():
+        return [mine]
+    nodes: list[Any] = [None] * world_size
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One rank: build the engine, resume, then per epoch report (+ checkpoint) and log to MLflow exactly once."""
     import ray.train
@@ -121,12 +134,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         teacher_file = resolve_teacher_file(spec.teacher, job.tracking) if spec.teacher else None
         engine = experiment_engine(spec, teacher_file, device=device, rank=rank, world_size=world_size)
     resumed_from = _restore(engine, Storage.open(spec.run.resolved_storage, create=False), job.name, device)
+    nodes = _worker_nodes(world_size)
 
     # MLflow holds each epoch once: epochs it already has (logged before a failure) are not logged again, and epochs
     # the checkpoint has but MLflow lacks (a failure between checkpoint and logging) are filled in from its history.
     tracked = rank == 0 and job.run_id is not None
     logged = job.tracking.logged_epochs(job.run_id) if tracked else set()
     if tracked:
+        job.tracking.try_set_tags(job.run_id, {"deitlab.worker_nodes": ",".join(nodes)})
         for metrics in engine.history:
             if metrics["epoch"] not in logged:
                 job.tracking.log_metrics(job.run_id, metrics, step=int(metrics["epoch"]))
