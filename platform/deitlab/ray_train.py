@@ -63,7 +63,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # One logical CPU more than the cores: room for the sweep trials' 0.01-CPU controller slivers, so N cores
         # still run N one-CPU workers at once.
-        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
+        # address="local": always a new local Ray, never one a stale /tmp/ray/ray_current_cluster points at.
+        ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level=logging.WARNING)
 
 

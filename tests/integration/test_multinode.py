@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def two_node_cluster(tmp_path):
     finally:
         for node in reversed(nodes):
             _stop(node)
+        # `ray start --head` recorded this cluster as the machine's current one; `ray stop` would remove that record
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def _active_nodes(address: str, env: dict) -> str:
