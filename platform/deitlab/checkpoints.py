@@ -171,9 +171,13 @@ class Storage:
         """
         epochs = {path: self._epoch(path) for path in self.checkpoints(run_name) if path not in skip}
         for path in sorted((p for p, e in epochs.items() if e is not None), key=epochs.get, reverse=True):
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    return read_checkpoint(self.download(path, Path(tmp)), map_location), path
-                except BadCheckpoint as err:
-                    log.warning("skipping checkpoint %s: %s", self.display(path), err)
+            try:
+                return self.load(path, map_location), path
+            except BadCheckpoint as err:
+                log.warning("skipping checkpoint %s: %s", self.display(path), err)
         return None
+
+    def load(self, path: str, map_location: Any = "cpu") -> dict[str, Any]:
+        """The verified state of the checkpoint directory at `path` (downloaded to a temporary directory)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_checkpoint(self.download(path, Path(tmp)), map_location)

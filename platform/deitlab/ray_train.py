@@ -94,14 +94,21 @@ def _restore(engine, storage: Storage, run_name: str, device) -> str | None:
 
     Read from storage rather than `ray.train.get_checkpoint()`: a worker killed right after its checkpoint reached
     storage, before the controller registered it, would otherwise make the restarted workers redo that epoch.
-    Damaged checkpoints are skipped with a warning (Storage.latest_valid).
+    Rank 0 picks (skipping damaged checkpoints with a warning) and tells the other ranks, so all load the same one.
     """
-    found = storage.latest_valid(run_name, map_location=device)
-    if found is None:
+    import torch.distributed as dist
+
+    state, chosen = None, [None]
+    if engine.rank == 0:
+        found = storage.latest_valid(run_name, map_location=device)
+        if found is not None:
+            state, chosen[0] = found
+    if engine.world_size > 1 and dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
         return None
-    state, path = found
-    engine.load_state_dict(state)
-    return storage.display(path)
+    engine.load_state_dict(state if state is not None else storage.load(chosen[0], map_location=device))
+    return storage.display(chosen[0])
 
 
 def _worker_nodes(world_size: int) -> list[str]:

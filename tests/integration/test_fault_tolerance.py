@@ -45,8 +45,17 @@ def _history(workdir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def straight(ray_session, workdir, tmp_path_factory):
     """The reference: 2 workers × batch 16, never interrupted."""
-    outcome = train_experiment(_spec("ft-straight", workdir, str(tmp_path_factory.mktemp("straight"))))
-    assert [step for step, _ in _history(workdir, outcome.run_id, "acc")] == list(range(1, EPOCHS + 1))
+    storage = tmp_path_factory.mktemp("straight")
+    outcome = train_experiment(_spec("ft-straight", workdir, str(storage), keep_checkpoints=2))
+    accuracy = _history(workdir, outcome.run_id, "acc")
+    assert [step for step, _ in accuracy] == list(range(1, EPOCHS + 1))
+    # retention: the two best epochs by acc, and always the latest
+    kept = sorted(json.loads(m.read_text())["epoch"] for m in storage.glob("ft-straight-*/checkpoint_*/manifest.json"))
+    scores = dict(accuracy)
+    second_best = sorted(scores.values(), reverse=True)[1]
+    assert EPOCHS in kept and 2 <= len(kept) <= 3
+    assert all(scores[e] >= second_best for e in kept if e != EPOCHS)  # (ties may keep either epoch)
+    assert all(scores[e] <= second_best for e in scores if e not in kept)
     return outcome
 
 
