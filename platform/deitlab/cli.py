@@ -128,6 +128,11 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
     if workers is not None:
         overrides["run.workers"] = workers
     experiment = load_experiment(spec, overrides)
+    if resume:  # a run that cannot be resumed fails before Ray starts
+        from .tracking import Tracking
+
+        run_id = Tracking.for_run(experiment.run).resumable_run(experiment.name, experiment.flat_params(),
+                                                                run_id).info.run_id
     _ray(ray_address, experiment.run)
     verb = "resuming" if resume else "training"
     with err.status(f"{verb} '{experiment.name}' on {experiment.run.workers} worker(s)…"):

@@ -84,7 +84,7 @@ class Engine:
         """Reseed every RNG that augmentation and dropout draw from, from (seed, rank, epoch).
 
         Checkpoints fall on epoch boundaries, so a resumed run draws exactly the random numbers an uninterrupted one
-        would have: no generator state needs saving, and it holds even when the number of workers changes.
+        would have, with no generator state to save (and a run resumed on another number of workers is well defined).
         """
         seed = (self.seed * 1_000_003 + self.rank * 10_007 + self.epoch) % 2**31
         torch.manual_seed(seed)  # CPU and every CUDA device

@@ -29,6 +29,13 @@ def _timm_models() -> frozenset[str]:
     return frozenset(timm.list_models())
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths are made absolute where the spec is loaded: Ray workers and Tune trials run in other directories."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def _known_model(name: str) -> str:
     if name not in _timm_models():
         raise ValueError(f"unknown timm model '{name}'")
@@ -78,6 +85,11 @@ class TeacherSpec(_Strict):
     @classmethod
     def _arch_known(cls, name: str | None) -> str | None:
         return None if name is None else _known_model(name)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_absolute(cls, path: str | None) -> str | None:
+        return _absolute(path)
 
     @field_validator("uri")
     @classmethod
@@ -154,6 +166,11 @@ class DataSpec(_Strict):
     synthetic_size: int = Field(512, ge=8)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
+    @field_validator("path")
+    @classmethod
+    def _path_absolute(cls, path: str | None) -> str | None:
+        return _absolute(path)
+
     @model_validator(mode="after")
     def _path_for_imagefolder(self) -> DataSpec:
         if self.dataset == "imagefolder":
@@ -198,7 +215,8 @@ class RunSpec(_Strict):
     torch_threads: int = Field(1, gt=0, description="intra-op threads per worker on CPU")
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
-    workdir: str = Field("deitlab-work", description="local home of the default MLflow store and Ray results")
+    workdir: str = Field("deitlab-work", validate_default=True,
+                         description="local home of the default MLflow store and Ray results")
     storage: str | None = Field(None, description="Ray storage path (local dir or s3://...); default WORKDIR/ray_results")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in WORKDIR")
     experiment: str = Field("deitlab", description="MLflow experiment name")
@@ -210,6 +228,11 @@ class RunSpec(_Strict):
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         "pack", description="Ray placement of the workers: pack onto few nodes, or spread over nodes")
 
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_absolute(cls, path: str) -> str:
+        return _absolute(path)
+
     @field_validator("storage")
     @classmethod
     def _no_credentials_in_storage(cls, uri: str | None) -> str | None:
@@ -217,7 +240,7 @@ class RunSpec(_Strict):
         if uri and any(k in uri.lower() for k in ("access_key", "secret_key", "session_token", "@")):
             raise ValueError("credentials do not belong in run.storage; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                              " (or a profile) in the environment")
-        return uri
+        return _absolute(uri.removeprefix("file://")) if uri else uri
 
     @field_validator("checkpoint_metric")
     @classmethod

@@ -25,7 +25,8 @@ MAX_PARAM_LENGTH = 6000
 EPOCH_METRIC = "epoch"  # logged with every epoch's metrics: its history says which epochs MLflow has
 RESUMED_FROM_TAG = "deitlab.resumed_from"
 RESUMES_TAG = "deitlab.resumes"
-# Run fields that may differ when a run is resumed: they change how it runs, not what it computes.
+# Run fields that may differ when a run is resumed: how it is executed. (More workers also means a larger global
+# batch; with optim.lr_base_batch the learning rate follows it.)
 RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
                                "run.max_failures", "run.placement", "run.checkpoint_every", "run.keep_checkpoints"})
 

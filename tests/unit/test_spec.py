@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from conftest import write_yaml
 from deitlab.cli import app
 from deitlab.errors import SpecError
-from deitlab.spec import load_experiment, load_sweep, parse_set, validate, ExperimentSpec
+from deitlab.spec import ExperimentSpec, RunSpec, TeacherSpec, load_experiment, load_sweep, parse_set, validate
 
 TEACHER = "teacher: {arch: test_resnet, checkpoint: t.pt}\n"
 
@@ -171,3 +171,15 @@ def test_every_shipped_experiment_spec_validates():
             load_teacher_training(path)
         else:
             load_experiment(path)
+
+
+def test_local_paths_become_absolute_where_the_spec_is_loaded(tmp_path, monkeypatch):
+    """Ray workers and Tune trials run in other directories: a relative path must not change meaning there."""
+    monkeypatch.chdir(tmp_path)
+    run = validate(RunSpec, {"workdir": "work", "storage": "file://store"})
+    assert run.workdir == str(tmp_path / "work") and run.storage == str(tmp_path / "store")
+    assert validate(RunSpec, {}).workdir == str(tmp_path / "deitlab-work")
+    s3 = "s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert validate(RunSpec, {"storage": s3}).storage == s3
+    teacher = validate(TeacherSpec, {"checkpoint": "t.pt"})
+    assert teacher.checkpoint == str(tmp_path / "t.pt")
