@@ -150,9 +150,13 @@ class Tracking:
             except Exception:
                 raise SpecError(f"--resume: no MLflow run '{run_id}' at '{self.tracking_uri}'") from None
         else:
-            found = client.search_runs([experiment_id], f"attributes.run_name = '{name}' and tags.`{KIND_TAG}` = 'train'"
-                                       " and attributes.status != 'FINISHED'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+            quoted = f'"{name}"' if "'" in name else f"'{name}'"
+            try:
+                found = client.search_runs([experiment_id], f"attributes.run_name = {quoted} and"
+                                           f" tags.`{KIND_TAG}` = 'train' and attributes.status != 'FINISHED'",
+                                           order_by=["attributes.start_time DESC"], max_results=1)
+            except Exception as err:  # a name MLflow's filter syntax cannot quote
+                raise SpecError(f"--resume: cannot search for run '{name}': {_one_line(err)}") from None
             if not found:
                 raise SpecError(f"--resume: no unfinished run '{name}' in experiment '{self.experiment}'")
             run = found[0]
