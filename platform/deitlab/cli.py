@@ -254,7 +254,7 @@ def report(sweep: Annotated[str, typer.Argument(help="a sweep spec file, or a sw
 def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow store and Ray results go")]
                = Path("deitlab-quickstart"),
                set_: SetOption = None, ray_address: RayAddress = None) -> None:
-    """Train two teachers on digits, run a 13-trial distillation sweep, print the report. About 4 minutes on 2 cores."""
+    """Train two teachers on digits, run a 9-trial distillation sweep, print the report. 4 to 8 minutes on 2 cores."""
     from .report import build_report, render
     from .spec import load_sweep, load_teacher_training, parse_set
     from .tracking import Tracking
