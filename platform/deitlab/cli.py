@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .errors import SpecError
+from .errors import SpecError, TrainingDiverged
 
 app = typer.Typer(help="DeiT-style distillation experiments on Ray, tracked in MLflow.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -52,6 +52,9 @@ def handled(fn):
         except SpecError as e:
             err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except TrainingDiverged as e:
+            err.print(f"[red]error:[/] training diverged: {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import Storage, write_checkpoint
+from .errors import SpecError, TrainingDiverged
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
-from .tracking import Tracking
+from .tracking import DIVERGED_TAG, Tracking
 
 log = logging.getLogger("deitlab.train")
 
@@ -129,7 +130,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from .engine import experiment_engine, pick_device, teacher_engine
-    from .models import save_model
 
     job: TrainJob = config["job"]
     spec = job.spec
@@ -158,6 +158,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", job.name, resumed_from, engine.epoch)
             job.tracking.record_resume(job.run_id, resumed_from, engine.epoch)
 
+    try:
+        _train_epochs(job, engine, rank, logged)
+    except FloatingPointError as err:
+        # Deterministic: restarting from the last checkpoint would diverge again. End this attempt cleanly and let
+        # the driver fail the run with the reason (the loss is all-reduced, so every rank stops at the same epoch).
+        if job.run_id is None:
+            raise
+        log.warning("%s: %s", job.name, err)
+        job.tracking.try_set_tags(job.run_id, {DIVERGED_TAG: str(err)})
+
+
+def _train_epochs(job: TrainJob, engine, rank: int, logged: set[int]) -> None:
+    """Per epoch: report (rank 0 adds a checkpoint every N epochs and at the end), then log to MLflow once."""
+    import ray.train
+
+    from .models import save_model
+
+    spec = job.spec
+    tracked = rank == 0 and job.run_id is not None
     epochs, every = spec.optim.epochs, spec.run.checkpoint_every
     for metrics in engine.run(epochs):
         last = engine.epoch == epochs
@@ -189,6 +208,34 @@ def scaling_config(run: RunSpec):
         resources["GPU"] = run.gpus_per_worker
     return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0, resources_per_worker=resources,
                          placement_strategy=run.placement.upper())
+
+
+def check_fits(run: RunSpec, trial_cpu: float = 0.0) -> None:
+    """Fail in one line, before anything starts, when the workers can never be placed on this Ray cluster.
+
+    Each worker's bundle (CPUs, GPUs) must fit on one node, `strict_spread` needs a node per worker, and all workers
+    (plus a sweep trial's own sliver) must fit the cluster. Checked against the nodes alive now: an autoscaling cluster
+    that would add nodes later is not foreseen.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": run.cpus_per_worker, "GPU": run.gpus_per_worker}
+    fitting = sum(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes)
+    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
+    wanted = {"CPU": run.workers * run.cpus_per_worker + trial_cpu, "GPU": run.workers * run.gpus_per_worker}
+    request = f"{run.workers} worker(s) × {run.cpus_per_worker:g} CPU" + (
+        f" + {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "")
+    cluster = f"{total['CPU']:g} CPU and {total['GPU']:g} GPU on {len(nodes)} node(s)"
+    if fitting == 0:
+        raise SpecError(f"run: {request} can never start: no node of the Ray cluster ({cluster}) fits one worker")
+    if run.placement == "strict_spread" and fitting < run.workers:
+        raise SpecError(f"run: {request} with placement strict_spread needs {run.workers} nodes that fit a worker;"
+                        f" the Ray cluster has {fitting}")
+    short = [k for k in need if wanted[k] > total[k] + 1e-9]
+    if short:
+        raise SpecError(f"run: {request} can never start on the Ray cluster ({cluster}): lower run.workers or the"
+                        " resources per worker")
 
 
 def _failure_recorder(job: TrainJob):
@@ -260,7 +307,7 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking) ->
 def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str], callbacks=None,
                 parent_id: str | None = None, on_success=None, resume_run_id: str | None = None) -> TrainOutcome:
     """Open (or reopen) an MLflow run, fit, and close it FINISHED, FAILED or KILLED (never left RUNNING)."""
-    from .tracking import RESUMED_FROM_TAG, RESUMES_TAG
+    from .tracking import DIVERGED_TAG, RESUMED_FROM_TAG, RESUMES_TAG
 
     if resume_run_id:
         run_id = resume_run_id
@@ -277,8 +324,11 @@ def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
-    tracking.end_run(run_id, "FINISHED")
     recorded = tracking.client.get_run(run_id).data.tags
+    if DIVERGED_TAG in recorded:
+        tracking.end_run(run_id, "FAILED")
+        raise TrainingDiverged(f"{run_name}: {recorded[DIVERGED_TAG]} (MLflow run {run_id})")
+    tracking.end_run(run_id, "FINISHED")
     if RESUMED_FROM_TAG in recorded:
         log.warning("%s: resumed %s time(s), last from checkpoint %s", run_name, recorded.get(RESUMES_TAG, "1"),
                     recorded[RESUMED_FROM_TAG])
@@ -292,6 +342,7 @@ def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | N
     tracking = Tracking.for_run(spec.run)
     tracking.experiment_id()
     storage = Storage.open(spec.run.resolved_storage)  # a bad or unreachable storage URI fails here, in one line
+    check_fits(spec.run)
     resume_id = None
     if resume:
         resume_id = tracking.resumable_run(spec.name, spec.flat_params(), run_id).info.run_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .ray_train import tracked_fit, preflight_teachers, train_teacher
+from .ray_train import check_fits, preflight_teachers, tracked_fit, train_teacher
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec
 from .tracking import KIND_TAG, SWEEP_TAG, Tracking
 
@@ -95,6 +95,8 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None,
     tracking = Tracking.for_run(run)
     tracking.experiment_id()
     specs = {trial_name(p): sweep.trial_spec(p) for p in sweep.trial_overrides()}
+    for spec in specs.values():
+        check_fits(spec.run, TRIAL_CPU)
     preflight_teachers(list({s.teacher.label: s.teacher for s in specs.values() if s.teacher}.values()),
                        sweep.experiment.data, tracking)
     parent_id = tracking.start_run(sweep.name, tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep"},
@@ -119,6 +121,8 @@ def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = No
     from ray import tune
 
     by_name = {s.name: s for s in specs}
+    for spec in specs:
+        check_fits(spec.run, TRIAL_CPU)
     run = specs[0].run
     Tracking.for_run(run).experiment_id()
     return _run_trials(tune.with_parameters(_teacher_trial, specs=by_name), list(by_name), run,

@@ -25,6 +25,7 @@ MAX_PARAM_LENGTH = 6000
 EPOCH_METRIC = "epoch"  # logged with every epoch's metrics: its history says which epochs MLflow has
 RESUMED_FROM_TAG = "deitlab.resumed_from"
 RESUMES_TAG = "deitlab.resumes"
+DIVERGED_TAG = "deitlab.diverged"  # why a run stopped early: its loss became NaN/Inf
 # Run fields that may differ when a run is resumed: how it is executed. (More workers also means a larger global
 # batch; with optim.lr_base_batch the learning rate follows it.)
 RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
