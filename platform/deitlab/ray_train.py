@@ -317,6 +317,9 @@ def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str
     job = TrainJob(job_spec, tracking, run_id, ray_run_name(run_name, run_id))
     try:
         result = fit(job, callbacks=callbacks)
+        recorded = tracking.client.get_run(run_id).data.tags
+        if DIVERGED_TAG in recorded:  # the workers stopped early (and were not restarted)
+            raise TrainingDiverged(f"{run_name}: {recorded[DIVERGED_TAG]} (MLflow run {run_id})")
         extra = on_success(run_id, result) if on_success else None
     except KeyboardInterrupt:
         tracking.end_run(run_id, "KILLED")
@@ -324,10 +327,6 @@ def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
-    recorded = tracking.client.get_run(run_id).data.tags
-    if DIVERGED_TAG in recorded:
-        tracking.end_run(run_id, "FAILED")
-        raise TrainingDiverged(f"{run_name}: {recorded[DIVERGED_TAG]} (MLflow run {run_id})")
     tracking.end_run(run_id, "FINISHED")
     if RESUMED_FROM_TAG in recorded:
         log.warning("%s: resumed %s time(s), last from checkpoint %s", run_name, recorded.get(RESUMES_TAG, "1"),
