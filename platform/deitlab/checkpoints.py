@@ -164,12 +164,12 @@ class Storage:
             log.warning("skipping checkpoint %s: no readable manifest.json (written partially?)", self.display(path))
             return None
 
-    def latest_valid(self, run_name: str, map_location: Any = "cpu", skip: tuple[str, ...] = ()):
+    def latest_valid(self, run_name: str, map_location: Any = "cpu"):
         """(state, path) of the newest complete checkpoint of `run_name`, warning about each one skipped; or None.
 
         Newest by epoch, not by name: best-k retention keeps older directories around.
         """
-        epochs = {path: self._epoch(path) for path in self.checkpoints(run_name) if path not in skip}
+        epochs = {path: self._epoch(path) for path in self.checkpoints(run_name)}
         for path in sorted((p for p, e in epochs.items() if e is not None), key=epochs.get, reverse=True):
             try:
                 return self.load(path, map_location), path

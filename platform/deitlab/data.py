@@ -134,50 +134,50 @@ def shard_indices(n: int, rank: int, world_size: int, *, seed: int | None, epoch
     return torch.cat([order, order[: padded - n]])[rank::world_size]
 
 
-class TensorBatches:
-    """Batches of an in-memory (images, labels) pair: this rank's shard, reshuffled each epoch (see the rule above)."""
-
-    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.images, self.labels = tensors
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> torch.Tensor:
-        return shard_indices(len(self.labels), self.rank, self.world_size,
-                             seed=self.seed if self.shuffle else None, epoch=self.epoch)
-
-    def __len__(self) -> int:
-        return len(batch_slices(len(self.indices()), self.batch_size))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self.indices()
-        for part in batch_slices(len(idx), self.batch_size):
-            yield self.images[idx[part]], self.labels[idx[part]]
-
-
 class ShardBatchSampler:
-    """The same sharding rule for DataLoader-backed sets (imagefolder): yields lists of dataset indices."""
+    """This rank's batches of dataset indices for one epoch, by the rule above. A DataLoader's batch_sampler for
+    imagefolder data; TensorBatches uses it for in-memory tensors."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, rank: int, world_size: int, seed: int = 0):
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # called every training step (the schedule): no shuffling here
         shard = math.ceil(self.n / self.world_size) if self.shuffle else len(range(self.rank, self.n, self.world_size))
         return len(batch_slices(shard, self.batch_size))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def index_batches(self) -> Iterator[torch.Tensor]:
         idx = shard_indices(self.n, self.rank, self.world_size, seed=self.seed if self.shuffle else None,
                             epoch=self.epoch)
         for part in batch_slices(len(idx), self.batch_size):
-            yield idx[part].tolist()
+            yield idx[part]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.index_batches():
+            yield batch.tolist()
+
+
+class TensorBatches:
+    """Batches of an in-memory (images, labels) pair: this rank's shard, reshuffled each epoch (see the rule above)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.images, self.labels = tensors
+        self.sampler = ShardBatchSampler(len(self.labels), batch_size, shuffle=shuffle, rank=rank,
+                                         world_size=world_size, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.sampler.index_batches():
+            yield self.images[idx], self.labels[idx]
 
 
 class _EpochLoader:

@@ -307,7 +307,7 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking) ->
 def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str], callbacks=None,
                 parent_id: str | None = None, on_success=None, resume_run_id: str | None = None) -> TrainOutcome:
     """Open (or reopen) an MLflow run, fit, and close it FINISHED, FAILED or KILLED (never left RUNNING)."""
-    from .tracking import DIVERGED_TAG, RESUMED_FROM_TAG, RESUMES_TAG
+    from .tracking import RESUMED_FROM_TAG, RESUMES_TAG
 
     if resume_run_id:
         run_id = resume_run_id
