@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from importlib import resources
@@ -47,6 +48,7 @@ def handled(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_environment()
+        signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, `kill`: end like Ctrl-C, runs closed in MLflow
         try:
             return fn(*args, **kwargs)
         except SpecError as e:
@@ -59,6 +61,10 @@ def handled(fn):
             err.print("interrupted")
             raise typer.Exit(130) from None
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _workdir_overrides(workdir: Optional[Path], prefix: str = "run.") -> dict:
@@ -171,8 +177,8 @@ def _train_teachers(loaded) -> None:
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise SpecError(f"teacher names must differ, got {', '.join(names)}")
-    with _progress(len(loaded), "teachers", max(t.optim.epochs for t in loaded)) as progress:
-        failed = train_teachers(loaded, callbacks=[progress])
+    with _table("teachers", names, max(t.optim.epochs for t in loaded)) as table:
+        failed = train_teachers(loaded, callbacks=[table])
     if failed:
         err.print(f"[red]error:[/] teacher training failed: {', '.join(failed)}")
         raise typer.Exit(1)
@@ -183,10 +189,10 @@ def _train_teachers(loaded) -> None:
                   f"  (validation accuracy {100 * float(version.tags.get('deitlab.accuracy', 'nan')):.1f}%)")
 
 
-def _progress(total: int, label: str, epochs: int):
-    from .progress import TuneProgress
+def _table(title: str, names: list[str], epochs: int, metric: str = "acc", mode: str = "max", states=None):
+    from .progress import TrialTable
 
-    return TuneProgress(err, total, label, epochs)
+    return TrialTable(err, title, names, epochs, metric, mode, states)
 
 
 @sweep_app.command("plan")
@@ -202,7 +208,7 @@ def sweep_plan(sweep: Path, set_: SetOption = None) -> None:
 @handled
 def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help="work directory")] = None,
               set_: SetOption = None, ray_address: RayAddress = None) -> None:
-    """Run a sweep: one Ray Tune trial (one Ray Train run, one MLflow child run) per grid point."""
+    """Run a sweep here: one Ray Tune trial (one Ray Train run, one MLflow child run) per trial of the plan."""
     from .spec import load_sweep, parse_set
 
     loaded = load_sweep(sweep, {**parse_set(set_), **_workdir_overrides(workdir, "experiment.run.")})
@@ -211,15 +217,223 @@ def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help=
 
 
 def _run_sweep(loaded):
-    from .sweep import run_sweep
+    from .sweep import planned_trials, run_sweep
 
-    with _progress(len(loaded.trial_overrides()), f"sweep {loaded.name}", loaded.experiment.optim.epochs) as progress:
-        outcome = run_sweep(loaded, callbacks=[progress])
+    return _drive(loaded, f"sweep {loaded.name}", list(planned_trials(loaded)), None,
+                  lambda callbacks: run_sweep(loaded, callbacks=callbacks))
+
+
+def _drive(sweep, title: str, names: list[str], states, start):
+    """Run `start(callbacks)` under the live trial table; then the summary. Exit 1 when trials failed."""
+    from .sweep import SweepInterrupted
+
+    shown = {s.name: (s.state, s.epoch, s.value) for s in states or []}
+    try:
+        with _table(title, names, sweep.experiment.optim.epochs, sweep.metric, sweep.mode, shown) as table:
+            outcome = start([table])
+    except SweepInterrupted as e:
+        err.print(f"[yellow]stopped:[/] {e}", highlight=False)
+        raise typer.Exit(130) from None
+    _print_summary(sweep, outcome.states, outcome.parent_run_id)
     if outcome.failed:
-        err.print(f"[red]error:[/] {len(outcome.failed)} of {len(outcome.trials)} trials failed:"
-                  f" {', '.join(outcome.failed)}")
+        err.print(f"[red]error:[/] {len(outcome.failed)} of {len(outcome.states)} trials failed:"
+                  f" {', '.join(outcome.failed)}", highlight=False)
         raise typer.Exit(1)
     return outcome
+
+
+def _print_summary(sweep, states, parent_id: str) -> None:
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    scored = [s for s in states if s.state == "finished" and s.best is not None]
+    line = f"sweep [bold]{sweep.name}[/] (MLflow parent run {parent_id}): " + \
+        ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    out.print(line, highlight=False)
+    if scored:
+        best = (max if sweep.mode == "max" else min)(scored, key=lambda s: s.best)
+        out.print(f"best trial: [bold]{best.name}[/]  best {sweep.metric} {best.best:.4f}"
+                  f" (last epoch {best.value:.4f}), MLflow run {best.run_id}", highlight=False)
+
+
+def _located(sweep: str, workdir: Optional[Path], tracking_uri: Optional[str], experiment: Optional[str]):
+    """(name, Tracking) of a sweep given as a spec file or a name (then in the work directory's MLflow store)."""
+    from .spec import RunSpec, load_sweep
+    from .tracking import Tracking
+
+    loaded = None
+    if sweep.endswith((".yaml", ".yml", ".json")) or Path(sweep).is_file():
+        loaded = load_sweep(sweep, _workdir_overrides(workdir, "experiment.run."))
+        name, run = loaded.name, loaded.experiment.run
+    else:
+        name, run = sweep, RunSpec(workdir=str(workdir)) if workdir else RunSpec()
+    run = run.model_copy(update={k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment}.items()
+                                 if v})
+    if not run.tracking_uri and not (run.workdir_path / "mlflow.db").is_file():
+        raise SpecError(f"no MLflow store at {run.workdir_path / 'mlflow.db'} (give --workdir or --tracking-uri)")
+    tracking = Tracking.for_run(run)
+    if not experiment and not loaded:  # a bare name: whichever experiment holds it
+        found = tracking.sweep_experiment(name)
+        if found:
+            tracking = Tracking.for_run(run.model_copy(update={"experiment": found}))
+    return name, tracking
+
+
+SweepArg = Annotated[str, typer.Argument(help="a sweep name, or its spec file")]
+WorkdirOption = Annotated[Optional[Path], typer.Option(help="work directory of the default MLflow store")]
+TrackingOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI")]
+ExperimentOption = Annotated[Optional[str], typer.Option(help="MLflow experiment name")]
+
+
+@sweep_app.command("resume")
+@handled
+def sweep_resume(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: TrackingOption = None,
+                 experiment: ExperimentOption = None, ray_address: RayAddress = None,
+                 retry_errored: Annotated[bool, typer.Option("--retry-errored", help="also rerun failed trials,"
+                                                             " from scratch")] = False) -> None:
+    """Continue a sweep whose driver died or was stopped; finished trials are not run again."""
+    from .sweep import plan_resume
+
+    name, tracking = _located(sweep, workdir, tracking_uri, experiment)
+    start = plan_resume(tracking, name, retry_errored)
+    _continue(start, f"resuming sweep '{name}': {len(start.todo)} trial(s) to run"
+              + (" (restoring its Tune run)" if start.restore else ""), "resumed", ray_address)
+
+
+def _continue(start, message: str, how: str, ray_address: Optional[str]) -> None:
+    """Run a resume or extend plan under the live table, with the states MLflow has for the trials already run."""
+    from .sweep import continue_sweep, planned_trials, trial_states
+
+    err.print(message, highlight=False, soft_wrap=True)
+    _ray(ray_address, start.sweep.experiment.run)
+    names = list(planned_trials(start.sweep))
+    _drive(start.sweep, f"sweep {start.sweep.name} ({how})", names, trial_states(start.tracking, start.parent, names),
+           lambda callbacks: continue_sweep(start, callbacks))
+
+
+@sweep_app.command("extend")
+@handled
+def sweep_extend(sweep: SweepArg, set_: SetOption = None, workdir: WorkdirOption = None,
+                 tracking_uri: TrackingOption = None, experiment: ExperimentOption = None,
+                 ray_address: RayAddress = None) -> None:
+    """Add seeds, grid points or samples to an ended sweep (--set seeds=[0,1,2,3]); runs only the new trials."""
+    from .spec import parse_set
+    from .sweep import plan_extend
+
+    name, tracking = _located(sweep, workdir, tracking_uri, experiment)
+    start = plan_extend(tracking, name, parse_set(set_))
+    _continue(start, f"extending sweep '{name}' by {len(start.todo)} trial(s): {', '.join(start.todo)}", "extended",
+              ray_address)
+
+
+@sweep_app.command("status")
+@handled
+def sweep_status(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: TrackingOption = None,
+                 experiment: ExperimentOption = None,
+                 address: Annotated[Optional[str], typer.Option(help="Ray dashboard URL: also show the sweep's Ray"
+                                                                     " Jobs there")] = None) -> None:
+    """The trials of a sweep and their states (from MLflow), its driver, and its Ray Jobs."""
+    from rich.table import Table
+
+    from .sweep import DRIVER_TAG, JOB_TAG, driver_state, planned_trials, recorded_sweep, trial_states
+
+    name, tracking = _located(sweep, workdir, tracking_uri, experiment)
+    parent, recorded = recorded_sweep(tracking, name)
+    states = trial_states(tracking, parent, list(planned_trials(recorded)), recorded.metric, recorded.mode,
+                          history=True)
+    driver = driver_state(parent)
+    out.print(f"sweep [bold]{name}[/]: MLflow parent run {parent.info.run_id} {parent.info.status}"
+              + (f", driver {parent.data.tags.get(DRIVER_TAG, '?')} {driver}" if parent.info.status == "RUNNING"
+                 else "")
+              + (f", Ray job {parent.data.tags[JOB_TAG]}" if JOB_TAG in parent.data.tags else ""), highlight=False)
+    if address:
+        from .jobs import sweep_jobs
+
+        for job in sweep_jobs(address, name, running_only=False):
+            out.print(f"  Ray job {job.submission_id}: {job.status.value}", highlight=False)
+    table = Table(title_justify="left")
+    for column in ("trial", "state", "epoch", recorded.metric, f"best {recorded.metric}", "MLflow run", "note"):
+        table.add_column(column, justify="right" if column in ("epoch",) or recorded.metric in column else "left")
+    for s in states:
+        table.add_row(s.name, s.state, "—" if s.epoch is None else str(s.epoch),
+                      "—" if s.value is None else f"{s.value:.4f}", "—" if s.best is None else f"{s.best:.4f}",
+                      s.run_id or "—", s.note[:60])
+    out.print(table)
+    if parent.info.status == "RUNNING" and driver == "gone":
+        out.print(f"the driver is gone: continue with `deitlab sweep resume {name}`", highlight=False)
+
+
+@sweep_app.command("stop")
+@handled
+def sweep_stop(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: TrackingOption = None,
+               experiment: ExperimentOption = None,
+               address: Annotated[Optional[str], typer.Option(help="Ray dashboard URL of a cluster the sweep was"
+                                                                   " submitted to")] = None) -> None:
+    """Stop a running sweep: its Ray Job (--address), or its driver on this machine. `sweep resume` continues it."""
+    import signal
+
+    from .sweep import DRIVER_TAG, driver_state
+
+    if address:
+        from .jobs import stop_jobs
+
+        from .spec import load_sweep
+
+        name = load_sweep(sweep).name if sweep.endswith((".yaml", ".yml", ".json")) else sweep
+        stopped = stop_jobs(address, name)
+        if not stopped:
+            raise SpecError(f"no running Ray job of sweep '{name}' at {address}")
+        out.print(f"stopping Ray job(s) {', '.join(stopped)}", highlight=False)
+        return
+    name, tracking = _located(sweep, workdir, tracking_uri, experiment)
+    parent = tracking.sweep_parent(name)
+    state = driver_state(parent)
+    if state != "alive":
+        where = parent.data.tags.get(DRIVER_TAG, "?")
+        raise SpecError(f"sweep '{name}' has no running driver on this machine (parent run {parent.info.status},"
+                        f" driver {where} {state}); for a submitted sweep give --address")
+    os.kill(int(parent.data.tags[DRIVER_TAG].rpartition(":")[2]), signal.SIGINT)  # Tune saves its state and stops
+    with err.status(f"stopping sweep '{name}'…"):
+        for _ in range(240):
+            if tracking.client.get_run(parent.info.run_id).info.status != "RUNNING":
+                break
+            time.sleep(0.5)
+    out.print(f"stopped sweep '{name}'; continue it with `deitlab sweep resume {name}`", highlight=False)
+
+
+@sweep_app.command("submit")
+@handled
+def sweep_submit(sweep: Path,
+                 address: Annotated[str, typer.Option(help="the Ray cluster's dashboard URL, e.g. http://HEAD:8265")],
+                 set_: SetOption = None, workdir: Annotated[Optional[Path], typer.Option(help="work directory")] = None,
+                 no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False
+                 ) -> None:
+    """Submit a sweep to a Ray cluster as a Ray Job (entrypoint: the same `sweep run`) and follow its log."""
+    from .jobs import connect, follow, submit_sweep
+    from .spec import load_sweep, parse_set
+
+    loaded = load_sweep(sweep, {**parse_set(set_), **_workdir_overrides(workdir, "experiment.run.")})
+    connect(address)
+    run = loaded.experiment.run
+    local = [what for what, value in (("run.tracking_uri", run.resolved_tracking_uri), ("run.storage",
+                                                                                       run.resolved_storage))
+             if not value.startswith(("http://", "https://", "s3://", "postgresql", "mysql"))]
+    if local:
+        err.print(f"note: {' and '.join(local)} are paths on this machine; the cluster writes there on its own"
+                  " nodes. Use an MLflow server and s3:// storage for a remote cluster.", highlight=False, soft_wrap=True)
+    job_id = submit_sweep(loaded, address)
+    out.print(f"submitted sweep '{loaded.name}' as Ray job [bold]{job_id}[/]", highlight=False)
+    if no_wait:
+        out.print(f"follow it: deitlab sweep status {loaded.name} --address {address}", highlight=False)
+        return
+    try:
+        status = follow(address, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    except KeyboardInterrupt:
+        err.print(f"detached; the job keeps running. Stop it: deitlab sweep stop {loaded.name} --address {address}")
+        raise typer.Exit(130) from None
+    if status != "SUCCEEDED":
+        err.print(f"[red]error:[/] Ray job {job_id} ended {status}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -231,21 +445,11 @@ def report(sweep: Annotated[str, typer.Argument(help="a sweep spec file, or a sw
            experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment name")] = None) -> None:
     """The ablation table and the teacher comparison of a sweep, from MLflow."""
     from .report import build_report, render
-    from .spec import RunSpec, load_sweep
-    from .tracking import Tracking
 
     if format not in ("table", "json"):
         raise SpecError(f"--format '{format}': expected table or json")
-    if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
-        loaded = load_sweep(sweep, _workdir_overrides(workdir, "experiment.run."))
-        name, run = loaded.name, loaded.experiment.run
-    else:
-        name, run = sweep, RunSpec(workdir=str(workdir)) if workdir else RunSpec()
-    run = run.model_copy(update={k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment}.items()
-                                 if v})
-    if not run.tracking_uri and not (run.workdir_path / "mlflow.db").is_file():
-        raise SpecError(f"no MLflow store at {run.workdir_path / 'mlflow.db'} (give --workdir or --tracking-uri)")
-    result = build_report(Tracking.for_run(run), name)
+    name, tracking = _located(sweep, workdir, tracking_uri, experiment)
+    result = build_report(tracking, name)
     if format == "json":
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     else:

@@ -199,9 +199,10 @@ class Engine:
 
 # ------------------------------------------------------------------------------------------------- from specs
 def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, rank: int = 0,
-                      world_size: int = 1) -> Engine:
-    """An Engine for one ExperimentSpec. `teacher_file` is a local deitlab model file (adapters resolve URIs)."""
-    from .models import build_student, load_teacher
+                      world_size: int = 1, init_file: str | None = None) -> Engine:
+    """An Engine for one ExperimentSpec. `teacher_file` and `init_file` (the student's starting weights, from
+    spec.init_from) are local files: adapters resolve runs:/ and models:/ URIs."""
+    from .models import build_student, init_student, load_teacher, student_weights
 
     bundle = load_data(spec.data)
     teacher = None
@@ -212,6 +213,9 @@ def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, r
                                   arch=spec.teacher.arch, model_kwargs=spec.teacher.model_kwargs)
     torch.manual_seed(spec.run.seed)  # identical initial weights on every rank
     student = build_student(spec.student, spec.distillation, bundle.num_classes, bundle.in_chans, bundle.img_size)
+    init_file = init_file or (spec.init_from if spec.init_from and ":/" not in spec.init_from else None)
+    if init_file:
+        init_student(student, student_weights(init_file))
     return Engine(student, teacher=teacher, loss=LossConfig.from_specs(spec.distillation, spec.data.augment),
                   data=spec.data, optim=spec.optim, run=spec.run, device=device, rank=rank, world_size=world_size,
                   bundle=bundle, eval_head=spec.distillation.eval_head)

@@ -105,3 +105,52 @@ def load_teacher(path: str | Path, *, num_classes: int, in_chans: int, arch: str
     except RuntimeError as err:
         raise SpecError(f"{path}: weights do not fit '{payload['arch']}' ({str(err).splitlines()[0]})") from None
     return freeze(model), payload
+
+
+def student_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A student's weights from a deitlab checkpoint (its directory or state.pt) or a deitlab model file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "state.pt").is_file():
+            return read_model_file(path)["state_dict"]
+        path = path / "state.pt"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SpecError(f"init_from {path}: not a readable checkpoint ({type(err).__name__})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        return payload["model"]
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        return payload["state_dict"]
+    raise SpecError(f"init_from {path}: neither a deitlab checkpoint nor a deitlab model file")
+
+
+def init_student(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Start a new student from trained weights, for fine-tuning at another resolution or on other classes.
+
+    The position embedding is resampled (bicubic, timm's helper) to the new patch grid, and its prefix tokens
+    follow the model (a distillation token's slot is dropped, or started from the class token's). Weights whose
+    shape still differs (a head for another class count) keep their fresh initialisation. Returns those names.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    own = model.state_dict()
+    fitted, kept_fresh = {}, []
+    for key, value in weights.items():
+        if key == "pos_embed" and key in own and value.shape != own[key].shape:
+            source_prefix = 2 if "dist_token" in weights else 1
+            prefix = getattr(model, "num_prefix_tokens", 1)
+            old = int(round((value.shape[1] - source_prefix) ** 0.5))
+            grid = tuple(model.patch_embed.grid_size)
+            value = resample_abs_pos_embed(value, new_size=list(grid), old_size=[old, old],
+                                           num_prefix_tokens=source_prefix)
+            tokens, patches = value[:, :source_prefix], value[:, source_prefix:]
+            tokens = tokens[:, :prefix] if prefix <= source_prefix else torch.cat([tokens, tokens[:, :1]], dim=1)
+            value = torch.cat([tokens, patches], dim=1)
+        if key in own and own[key].shape == value.shape:
+            fitted[key] = value
+        else:
+            kept_fresh.append(key)
+    kept_fresh += [k for k in own if k not in fitted and k not in kept_fresh]
+    model.load_state_dict(fitted, strict=False)
+    return sorted(kept_fresh)

@@ -65,28 +65,76 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # One logical CPU more than the cores: room for the sweep trials' 0.01-CPU controller slivers, so N cores
         # still run N one-CPU workers at once.
         # address="local": always a new local Ray, never one a stale /tmp/ray/ray_current_cluster points at.
-        ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level=logging.WARNING)
+        # The dashboard serves Ray's state API, which Train's placement-group cleaner needs: without it the workers'
+        # placement group of a trial that ASHA stopped is never removed, and a long sweep runs out of CPUs. Its port
+        # is chosen here and given to every worker: with two Rays on one machine the API cannot be auto-detected.
+        port = _free_port()
+        ray.init(address="local", num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, configure_logging=True,
+                 logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------- teachers
+def _node_cache(key: str, fill) -> str:
+    """A directory filled once per node by `fill(staging_dir)`, atomically: concurrent workers race harmlessly."""
+    cache = Path(tempfile.gettempdir()) / "deitlab-cache" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        try:
+            fill(staging)
+            staging.rename(cache)
+        except OSError:
+            if not cache.exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(cache)
+
+
 def resolve_teacher_file(teacher: TeacherSpec, tracking: Tracking) -> str:
     """A local model file for the teacher: its checkpoint, or its MLflow URI downloaded once per node."""
     if teacher.checkpoint is not None:
         return teacher.checkpoint
+    return _registry_download(teacher.uri, tracking)
+
+
+def _registry_download(uri: str, tracking: Tracking) -> str:
     # Key the cache on the artifact location, not the URI: models:/NAME/latest moves when a new version is registered.
-    source = tracking.model_source(teacher.uri) if teacher.uri.startswith("models:/") else teacher.uri
-    key = hashlib.sha256(f"{tracking.tracking_uri}|{source}".encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "deitlab-teachers" / key
-    if not cache.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent if cache.parent.exists() else None))
-        tracking.download(source, staging)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            staging.rename(cache)  # atomic: concurrent workers on one node race harmlessly
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(cache)
+    source = tracking.model_source(uri) if uri.startswith("models:/") else uri
+    return _node_cache(f"{tracking.tracking_uri}|{source}", lambda staging: tracking.download(source, staging))
+
+
+def resolve_init_file(source: str, tracking: Tracking) -> str:
+    """A local checkpoint for `init_from`: a path as given, a registered model's file, or the newest complete
+    checkpoint of a deitlab run (runs:/RUN_ID, found in the storage that run recorded)."""
+    if source.startswith("models:/"):
+        return _registry_download(source, tracking)
+    if not source.startswith("runs:/"):
+        return source
+    run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
+    try:
+        run = tracking.client.get_run(run_id)
+    except Exception:
+        raise SpecError(f"init_from '{source}': no MLflow run '{run_id}' at '{tracking.tracking_uri}'") from None
+    params = run.data.params
+    storage = params.get("run.storage", "None")
+    if storage == "None":
+        storage = str(Path(params.get("run.workdir", ".")) / "ray_results")
+    store = Storage.open(storage, create=False)
+    found = store.latest_valid(ray_run_name(run.info.run_name, run_id))
+    if found is None:
+        raise SpecError(f"init_from '{source}': run {run_id} has no complete checkpoint in {storage}")
+    return _node_cache(f"{storage}|{found[1]}", lambda staging: store.download(found[1], staging))
 
 
 # --------------------------------------------------------------------------------------------------- worker loop
@@ -140,7 +188,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine = teacher_engine(spec, device=device, rank=rank, world_size=world_size)
     else:
         teacher_file = resolve_teacher_file(spec.teacher, job.tracking) if spec.teacher else None
-        engine = experiment_engine(spec, teacher_file, device=device, rank=rank, world_size=world_size)
+        init_file = resolve_init_file(spec.init_from, job.tracking) if spec.init_from else None
+        engine = experiment_engine(spec, teacher_file, device=device, rank=rank, world_size=world_size,
+                                   init_file=init_file)
     resumed_from = _restore(engine, Storage.open(spec.run.resolved_storage, create=False), job.name, device)
     nodes = _worker_nodes(world_size)
 
@@ -291,11 +341,14 @@ class TrainOutcome:
     model_uri: str | None = None  # teachers: the registered version
 
 
-def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking) -> None:
-    """Resolve and load every teacher once in the driver, so a bad checkpoint or URI fails before Ray starts work."""
+def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking, init_from: str | None = None) -> None:
+    """Resolve and load every teacher (and the student's init_from) once in the driver, so a bad checkpoint or URI
+    fails before Ray starts work."""
     from .data import load_data
-    from .models import load_teacher
+    from .models import load_teacher, student_weights
 
+    if init_from:
+        student_weights(resolve_init_file(init_from, tracking))
     if not teachers:
         return
     bundle = load_data(data)
@@ -322,10 +375,10 @@ def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str
             raise TrainingDiverged(f"{run_name}: {recorded[DIVERGED_TAG]} (MLflow run {run_id})")
         extra = on_success(run_id, result) if on_success else None
     except KeyboardInterrupt:
-        tracking.end_run(run_id, "KILLED")
+        tracking.end_if_running(run_id, "KILLED")
         raise
     except BaseException:
-        tracking.end_run(run_id, "FAILED")
+        tracking.end_if_running(run_id, "FAILED")
         raise
     tracking.end_run(run_id, "FINISHED")
     if RESUMED_FROM_TAG in recorded:
@@ -352,7 +405,7 @@ def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | N
         else:
             log.warning("resuming run %s from checkpoint %s (epoch %d)", resume_id, storage.display(found[1]),
                         found[0]["epoch"])
-    preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking)
+    preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking, spec.init_from)
     return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"}, resume_run_id=resume_id)
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .distill import ACCURACY_KEYS
-from .tracking import Tracking
+from .tracking import STOPPED_TAG, Tracking
 
 CONFIG_PARAMS = {"mode": "distillation.mode", "token": "distillation.token", "tau": "distillation.tau",
                  "lambda": "distillation.lambda", "teacher": "teacher"}
@@ -45,6 +45,7 @@ class AblationRow:
     runs: list[str]
     metrics: dict[str, Stat] = field(default_factory=dict)
     status: str = "FINISHED"
+    stopped: int = 0  # trials ASHA stopped early: not in the statistics
 
 
 @dataclass
@@ -76,7 +77,7 @@ class SweepReport:
             "sweep": self.sweep, "parent_run_id": self.parent_run_id, "status": self.status,
             "tracking_uri": self.tracking_uri,
             "trials": [{"mode": r.mode, "token": r.token, "tau": r.tau, "lambda": r.lam, "teacher": r.teacher,
-                        "seeds": r.seeds, "run_ids": r.runs, "status": r.status,
+                        "seeds": r.seeds, "run_ids": r.runs, "status": r.status, "stopped_early": r.stopped,
                         **{k: stat(v) for k, v in r.metrics.items()}} for r in self.rows],
             "teachers": [{**{k: v for k, v in asdict(t).items() if not isinstance(v, dict)},
                           "teacher_acc": stat(t.teacher_acc), "mean_acc": stat(t.mean_acc),
@@ -91,17 +92,30 @@ def _number(text: str | None) -> float | None:
         return None
 
 
+def _one_per_trial(children: list) -> list:
+    """A retried trial has several runs: count its finished one, else its newest."""
+    chosen: dict[str, Any] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+        name = run.info.run_name
+        if name not in chosen or chosen[name].info.status != "FINISHED":
+            chosen[name] = run
+    return list(chosen.values())
+
+
 def build_report(tracking: Tracking, sweep: str) -> SweepReport:
     parent, children = tracking.sweep_runs(sweep)
     groups: dict[tuple, AblationRow] = {}
     values: dict[tuple, dict[str, list[float]]] = {}
-    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+    for run in _one_per_trial(children):
         p = run.data.params
         mode = p.get(CONFIG_PARAMS["mode"], "?")
         key = (mode, p.get(CONFIG_PARAMS["token"]) == "True", _number(p.get(CONFIG_PARAMS["tau"])) if mode == "soft"
                else None, _number(p.get(CONFIG_PARAMS["lambda"])) if mode != "none" else None,
                p.get(CONFIG_PARAMS["teacher"], "none"))
         row = groups.setdefault(key, AblationRow(*key, seeds=[], runs=[]))
+        if STOPPED_TAG in run.data.tags:  # ASHA cut it short: its partial metrics would bias the row
+            row.stopped += 1
+            continue
         row.seeds.append(int(_number(p.get("run.seed")) or 0))
         row.runs.append(run.info.run_id)
         if run.info.status != "FINISHED":
@@ -148,7 +162,8 @@ def render(report: SweepReport, console) -> None:
     for r in report.rows:
         teacher = f"({r.teacher})" if r.mode == "none" else r.teacher
         m = r.metrics
-        table.add_row(r.mode + ("" if r.status == "FINISHED" else f" [{r.status}]"),
+        table.add_row(r.mode + ("" if r.status == "FINISHED" else f" [{r.status}]")
+                      + (f" ({r.stopped} stopped early)" if r.stopped else ""),
                       "yes" if r.token else "no", "—" if r.tau is None else f"{r.tau:g}",
                       "—" if r.lam is None else f"{r.lam:g}", teacher, str(len(r.seeds)),
                       m["acc_cls"].text(), m["acc_dist"].text(), m["acc_fused"].text(), m["acc_teacher"].text(),

@@ -1,20 +1,41 @@
-"""Ray Tune adapter: a sweep is a grid of trial overrides; each trial is one Ray Train run and one MLflow child run.
+"""Ray Tune adapter: a sweep is a list of named trials; each trial is one Ray Train run and one MLflow child run.
 
 Ray 2.60 (Train V2) does not accept a TorchTrainer as a Tune trainable: each trial is a function that builds and fits
-its own TorchTrainer, with TuneReportCallback forwarding the workers' reports to Tune. The driver creates the MLflow
-experiment and the sweep's parent run before any trial starts (concurrent first use of a SQLite store races).
+its own TorchTrainer, with TuneReportCallback forwarding the workers' reports to Tune (and so to ASHA). The driver
+creates the MLflow experiment and the sweep's parent run before any trial starts (concurrent first use of a SQLite
+store races), and records the resolved sweep spec on the parent run (`sweep.json`): `sweep resume`, `extend` and
+`status` work from that record and need no spec file.
+
+MLflow is the record of what finished. A trial whose MLflow run already finished is never trained again (Tune's own
+state can lag a driver that was killed); an unfinished one continues from its last checkpoint in storage.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from .errors import SpecError
 from .ray_train import check_fits, preflight_teachers, tracked_fit, train_teacher
-from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec
-from .tracking import KIND_TAG, SWEEP_TAG, Tracking
+from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
+from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
 
 # The trial function only waits on its TorchTrainer; a sliver of a CPU keeps it from starving the workers.
 TRIAL_CPU = 0.01
+PLAN_ARTIFACT = "sweep.json"  # the resolved sweep spec, on the parent run
+TUNE_RUN_TAG = "deitlab.tune_run"  # the Tune experiment directory (under the run storage) of the latest start
+DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)
+JOB_TAG = "deitlab.ray_job_id"
+JOB_ENV = "DEITLAB_RAY_JOB_ID"  # set by `sweep submit` in the job's environment
+SPEC_HASH_TAG = "deitlab.spec_hash"
+TRIALS_TAG = "deitlab.trials"
+EXTENSIONS_TAG = "deitlab.extensions"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped before every trial ended (Ctrl-C, `sweep stop`); `sweep resume` continues it."""
 
 
 def trial_name(point: dict[str, Any]) -> str:
@@ -27,21 +48,100 @@ def trial_name(point: dict[str, Any]) -> str:
     for key, value in point.items():
         if key in ("distillation.mode", TEACHER_KEY, "run.seed"):
             continue
-        parts.append(f"{short.get(key, key.rsplit('.', 1)[-1])}{value}")
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short.get(key, key.rsplit('.', 1)[-1])}{shown}")
     parts.append(f"s{point.get('run.seed', 0)}")
     return "-".join(parts)
 
 
-def _sweep_trial(config: dict[str, Any], sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking,
+def planned_trials(sweep: SweepSpec) -> dict[str, ExperimentSpec]:
+    """Every trial of the sweep by name, validated."""
+    return {trial_name(p): sweep.trial_spec(p) for p in sweep.trial_overrides()}
+
+
+def spec_hash(sweep: SweepSpec) -> str:
+    return hashlib.sha256(sweep.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ trial states
+@dataclass(frozen=True)
+class TrialState:
+    name: str
+    state: str  # finished | stopped | failed | interrupted | running | pending
+    run_id: str | None = None
+    epoch: int | None = None
+    value: float | None = None  # the sweep metric at the last epoch
+    best: float | None = None  # the best value over epochs
+    note: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "stopped")
+
+
+def _is_done(run) -> bool:
+    return run.info.status == "FINISHED" or STOPPED_TAG in run.data.tags
+
+
+def _runs_by_trial(tracking: Tracking, parent_id: str) -> dict[str, list]:
+    """Child runs by trial name, newest first."""
+    by_name: dict[str, list] = {}
+    for run in reversed(tracking.child_runs(parent_id)):
+        by_name.setdefault(run.info.run_name, []).append(run)
+    return by_name
+
+
+def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "acc", mode: str = "max",
+                 history: bool = False) -> list[TrialState]:
+    """What MLflow says of each planned trial (the newest finished run, else the newest run)."""
+    by_name = _runs_by_trial(tracking, parent.info.run_id)
+    parent_alive = driver_state(parent) != "gone"
+    states = []
+    for name in names:
+        runs = by_name.get(name, [])
+        run = next((r for r in runs if _is_done(r)), runs[0] if runs else None)
+        if run is None:
+            states.append(TrialState(name, "pending"))
+            continue
+        status, tags, metrics = run.info.status, run.data.tags, run.data.metrics
+        if status == "FINISHED":
+            state, note = "finished", ""
+        elif STOPPED_TAG in tags:
+            state, note = "stopped", tags[STOPPED_TAG]
+        elif status == "FAILED":
+            state, note = "failed", tags.get("deitlab.diverged") or tags.get("deitlab.last_failure", "")
+        elif status == "RUNNING" and parent_alive:
+            state, note = "running", ""
+        else:
+            state, note = "interrupted", ""
+        best = None
+        if history and metric in metrics:
+            values = [m.value for m in tracking.client.get_metric_history(run.info.run_id, metric)]
+            best = (max if mode == "max" else min)(values) if values else None
+        epoch = metrics.get("epoch")
+        states.append(TrialState(name, state, run.info.run_id, None if epoch is None else int(epoch),
+                                 metrics.get(metric), best, note))
+    return states
+
+
+# ------------------------------------------------------------------------------------------------ trials
+def _sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, ExperimentSpec], tracking: Tracking,
                  parent_id: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     name = config["trial"]
     spec = specs[name]  # validated by the driver; trials do not re-validate
-    tags = {SWEEP_TAG: sweep.name, KIND_TAG: "trial", "deitlab.trial_id": tune.get_context().get_trial_id(),
+    runs = _runs_by_trial(tracking, parent_id).get(name, [])
+    done = next((r for r in runs if _is_done(r)), None)
+    if done is not None:  # it ended before the driver died, after Tune last saved its state: never train it again
+        tune.report({k: v for k, v in done.data.metrics.items()})
+        return
+    unfinished = next((r for r in runs if r.info.status in ("RUNNING", "KILLED")), None)
+    tags = {SWEEP_TAG: sweep_name, KIND_TAG: "trial", "deitlab.trial_id": tune.get_context().get_trial_id(),
             "deitlab.teacher_role": "reference" if spec.distillation.mode == "none" else "distillation"}
-    tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id)
+    tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id,
+                resume_run_id=unfinished.info.run_id if unfinished else None)
 
 
 def _teacher_trial(config: dict[str, Any], specs: dict[str, TeacherTrainingSpec]) -> None:
@@ -61,59 +161,263 @@ def _fitting_trials(run) -> int:
     return max(int(fits), 1)
 
 
-def _run_trials(trial_fn, names: list[str], run, tune_name: str, max_concurrent: int | None,
-                callbacks: list | None) -> list[str]:
-    """A Tune grid over trial names, each trial a function that fits its own TorchTrainer. Returns failed names."""
+def concurrency(sweep: SweepSpec) -> int:
+    """Trials at once: what fits the cluster, capped by the spec's max_concurrent."""
+    fits = _fitting_trials(sweep.experiment.run)
+    return min(fits, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fits
+
+
+def _stop_recorder(tracking: Tracking, parent_id: str, epochs: dict[str, int], metric: str):
+    """A driver-side Tune callback: a trial that ended before its last epoch was stopped by ASHA; say so in MLflow.
+
+    Tune ends a stopped trial's process (and with it its Train run), so the trial cannot record this itself.
+    """
+    from ray.tune import Callback
+
+    class StopRecorder(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            name = trial.config.get("trial")
+            result = trial.last_result or {}
+            epoch = int(result.get("epoch", 0))
+            if name not in epochs or epoch >= epochs[name]:
+                return
+            for run in _runs_by_trial(tracking, parent_id).get(name, []):
+                if run.info.status == "RUNNING":
+                    value = result.get(metric)
+                    shown = f"{value:.4f}" if isinstance(value, float) else "?"
+                    tracking.try_set_tags(run.info.run_id, {
+                        STOPPED_TAG: f"ASHA at epoch {epoch} of {epochs[name]} ({metric} {shown})"})
+                    tracking.end_run(run.info.run_id, "KILLED")
+
+    return StopRecorder()
+
+
+def _run_tuner(trial_fn, names: list[str], run, tune_name: str, max_concurrent: int, callbacks: list | None,
+               scheduler=None, restore: bool = False, retry_errored: bool = False):
+    """A Tune grid over trial names (or the restored one), each trial a function that fits its own TorchTrainer."""
     from ray import tune
 
     from .checkpoints import Storage
 
     storage = Storage.open(run.resolved_storage)
-    tuner = tune.Tuner(
-        tune.with_resources(trial_fn, {"cpu": TRIAL_CPU}),
+    trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_CPU})
+    if restore:  # its param space, scheduler and callbacks come from the saved state
+        return tune.Tuner.restore(f"{storage.root}/{tune_name}", trainable=trainable, resume_unfinished=True,
+                                  restart_errored=retry_errored, storage_filesystem=storage.filesystem).fit()
+    return tune.Tuner(
+        trainable,
         param_space={"trial": tune.grid_search(names)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or _fitting_trials(run)),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler),
         run_config=tune.RunConfig(name=tune_name, storage_path=storage.root, storage_filesystem=storage.filesystem,
                                   callbacks=callbacks or [], verbose=0),
-    )
-    return [r.config["trial"] for r in tuner.fit() if r.error is not None]
+    ).fit()
 
 
+def _can_restore(run, tune_name: str) -> bool:
+    from ray import tune
+
+    from .checkpoints import Storage
+
+    storage = Storage.open(run.resolved_storage)
+    try:
+        return tune.Tuner.can_restore(f"{storage.root}/{tune_name}", storage_filesystem=storage.filesystem)
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ workflows
 @dataclass(frozen=True)
 class SweepOutcome:
     parent_run_id: str
-    trials: list[str]
+    trials: list[str]  # the trials this start ran (or skipped as already done)
     failed: list[str]
+    states: list[TrialState]  # every planned trial, as MLflow has it at the end
 
 
-def run_sweep(sweep: SweepSpec, callbacks: list | None = None,
-              on_start: Callable[[list[str], str], None] | None = None) -> SweepOutcome:
-    """Run every trial of the sweep under one MLflow parent run; trial failures are returned, not raised."""
-    from ray import tune
-
-    run = sweep.experiment.run
-    tracking = Tracking.for_run(run)
-    tracking.experiment_id()
-    specs = {trial_name(p): sweep.trial_spec(p) for p in sweep.trial_overrides()}
+def _check(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking) -> None:
+    """Everything that can fail before a trial starts: resources, teachers."""
     for spec in specs.values():
         check_fits(spec.run, TRIAL_CPU)
     preflight_teachers(list({s.teacher.label: s.teacher for s in specs.values() if s.teacher}.values()),
-                       sweep.experiment.data, tracking)
-    parent_id = tracking.start_run(sweep.name, tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep"},
-                                   params={"sweep.trials": len(specs), "sweep.seeds": sweep.seeds,
-                                           "sweep.grid": sweep.grid, "sweep.teachers": list(sweep.teachers),
-                                           "sweep.metric": sweep.metric})
-    if on_start:
-        on_start(list(specs), parent_id)
-    trial_fn = tune.with_parameters(_sweep_trial, sweep=sweep, specs=specs, tracking=tracking, parent_id=parent_id)
+                       sweep.experiment.data, tracking, sweep.experiment.init_from)
+
+
+def _asha(sweep: SweepSpec, specs: dict[str, ExperimentSpec]):
+    if sweep.early_stopping is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class ASHA(ASHAScheduler):
+        """ASHA that never stops a trial at its last epoch: the trial closes its own MLflow run as FINISHED."""
+
+        def __init__(self, epochs: dict[str, int], **kwargs):
+            super().__init__(**kwargs)
+            self.epochs = epochs
+
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)  # records the rung either way
+            if result.get("epoch", 0) >= self.epochs.get(trial.config.get("trial"), float("inf")):
+                return TrialScheduler.CONTINUE
+            return decision
+
+    return ASHA({n: s.optim.epochs for n, s in specs.items()}, time_attr="epoch", metric=sweep.metric,
+                mode=sweep.mode, max_t=max(s.optim.epochs for s in specs.values()),
+                grace_period=sweep.early_stopping.grace_period,
+                reduction_factor=sweep.early_stopping.reduction_factor)
+
+
+def _execute(sweep: SweepSpec, tracking: Tracking, parent_id: str, names: list[str], tune_name: str,
+             callbacks: list | None, restore: bool = False, retry_errored: bool = False) -> SweepOutcome:
+    """Run `names` (or restore `tune_name`) under the parent run, and close the parent with what happened."""
+    from ray import tune
+
+    specs = planned_trials(sweep)
+    tags = {TUNE_RUN_TAG: tune_name, DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}", TRIALS_TAG: len(specs)}
+    if os.environ.get(JOB_ENV):
+        tags[JOB_TAG] = os.environ[JOB_ENV]
+    tracking.set_tags(parent_id, tags)
+    trial_fn = tune.with_parameters(_sweep_trial, sweep_name=sweep.name, specs=specs, tracking=tracking,
+                                    parent_id=parent_id)
+    recorder = _stop_recorder(tracking, parent_id, {n: s.optim.epochs for n, s in specs.items()}, sweep.metric)
     try:
-        failed = _run_trials(trial_fn, list(specs), run, f"{sweep.name}-{parent_id[:8]}",
-                             sweep.max_concurrent_trials, callbacks)
+        _run_tuner(trial_fn, names, sweep.experiment.run, tune_name, concurrency(sweep),
+                   [recorder, *(callbacks or [])], _asha(sweep, specs), restore, retry_errored)
     except BaseException:
-        tracking.end_run(parent_id, "KILLED")
+        _close_interrupted(tracking, parent_id)
         raise
+    parent = tracking.client.get_run(parent_id)
+    states = trial_states(tracking, parent, list(specs), sweep.metric, sweep.mode)
+    if any(s.state in ("pending", "running", "interrupted") for s in states if s.name in names):
+        _close_interrupted(tracking, parent_id)  # Tune returns normally after Ctrl-C / `sweep stop`
+        raise SweepInterrupted(f"sweep '{sweep.name}' was stopped; continue it with `deitlab sweep resume {sweep.name}`")
+    failed = [s.name for s in states if s.state == "failed"]
     tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
-    return SweepOutcome(parent_id, list(specs), failed)
+    return SweepOutcome(parent_id, names, failed, trial_states(tracking, parent, list(specs), sweep.metric,
+                                                               sweep.mode, history=True))
+
+
+def _close_interrupted(tracking: Tracking, parent_id: str) -> None:
+    """The parent and the trials that were running end KILLED: nothing is left RUNNING for a dead driver."""
+    for run in tracking.child_runs(parent_id):
+        if run.info.status == "RUNNING":
+            tracking.end_run(run.info.run_id, "KILLED")
+    tracking.end_run(parent_id, "KILLED")
+
+
+def run_sweep(sweep: SweepSpec, callbacks: list | None = None) -> SweepOutcome:
+    """Run every trial of the sweep under a new MLflow parent run; trial failures are returned, not raised."""
+    tracking = Tracking.for_run(sweep.experiment.run)
+    tracking.experiment_id()
+    specs = planned_trials(sweep)
+    _check(sweep, specs, tracking)
+    parent_id = tracking.start_run(sweep.name, tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep",
+                                                     SPEC_HASH_TAG: spec_hash(sweep)},
+                                   params={"sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
+                                           "sweep.early_stopping": sweep.early_stopping})
+    tracking.log_json(parent_id, PLAN_ARTIFACT, sweep.model_dump(mode="json", by_alias=True))
+    return _execute(sweep, tracking, parent_id, list(specs), f"{sweep.name}-{parent_id[:8]}", callbacks)
+
+
+def recorded_sweep(tracking: Tracking, name: str):
+    """(parent run, the SweepSpec it recorded) of the newest sweep called `name`."""
+    parent = tracking.sweep_parent(name)
+    raw = tracking.read_json(parent.info.run_id, PLAN_ARTIFACT)
+    sweep = validate(SweepSpec, raw, source=f"sweep '{name}' (recorded on run {parent.info.run_id})")
+    return parent, sweep
+
+
+@dataclass(frozen=True)
+class SweepStart:
+    """A checked plan to continue a recorded sweep: what `sweep resume` and `sweep extend` run."""
+
+    sweep: SweepSpec
+    tracking: Tracking
+    parent: Any  # the MLflow parent run
+    todo: list[str]
+    tune_name: str
+    restore: bool = False
+    retry_errored: bool = False
+    extension: int = 0  # > 0: the plan adds trials, recorded on the parent as extension N
+
+
+def plan_resume(tracking: Tracking, name: str, retry_errored: bool = False) -> SweepStart:
+    """Continue the newest sweep called `name`: its Tune run is restored; finished trials are not run again.
+
+    Interrupted trials continue from their last checkpoint; failed ones run again (from scratch, as a new MLflow run
+    beside the failed one) only with `retry_errored`.
+    """
+    parent, sweep = recorded_sweep(tracking, name)
+    states = trial_states(tracking, parent, list(planned_trials(sweep)))
+    failed = [s.name for s in states if s.state == "failed"]
+    todo = [s.name for s in states if not s.done and (retry_errored or s.state != "failed")]
+    if not todo:
+        hint = f"; rerun its {len(failed)} failed trial(s) with --retry-errored" if failed else \
+            "; add trials with `deitlab sweep extend`"
+        raise SpecError(f"sweep '{name}': nothing to resume, every trial has ended{hint}")
+    if driver_state(parent) == "alive":
+        raise SpecError(f"sweep '{name}' is still running (driver {parent.data.tags[DRIVER_TAG]});"
+                        f" stop it first with `deitlab sweep stop {name}`")
+    tune_name = parent.data.tags.get(TUNE_RUN_TAG, "")
+    restore = bool(tune_name) and _can_restore(sweep.experiment.run, tune_name)
+    if not restore:  # the driver died before Tune saved its state: a new Tune run over what is left
+        tune_name = f"{sweep.name}-{parent.info.run_id[:8]}-r{len(todo)}"
+    return SweepStart(sweep, tracking, parent, todo, tune_name, restore, retry_errored)
+
+
+def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> SweepStart:
+    """Add seeds, grid points or samples to an ended sweep; only the new trials run, under the same parent run."""
+    from .spec import _set_dotted
+
+    parent, old = recorded_sweep(tracking, name)
+    if parent.info.status == "RUNNING":
+        raise SpecError(f"sweep '{name}' has not ended; finish it with `deitlab sweep resume {name}` first")
+    if not overrides:
+        raise SpecError("sweep extend: give what to add with --set, e.g. --set 'seeds=[0,1,2,3,4]'")
+    raw = old.model_dump(mode="json", by_alias=True)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    new = validate(SweepSpec, raw, source="sweep extend --set")
+    if new.name != old.name or new.experiment != old.experiment:
+        raise SpecError("sweep extend: only grid, space, samples, seeds and new teachers can change; the base"
+                        " experiment and the name are what make the old and new trials comparable")
+    changed = [t for t, spec in old.teachers.items() if new.teachers.get(t) != spec]
+    if changed or (new.metric, new.mode) != (old.metric, old.mode):
+        raise SpecError(f"sweep extend: {'teacher ' + ', '.join(changed) if changed else 'metric and mode'} cannot"
+                        " change; add teachers under new names")
+    existing = _runs_by_trial(tracking, parent.info.run_id)
+    added = [n for n in planned_trials(new) if n not in existing]
+    if not added:
+        raise SpecError(f"sweep extend: the changes add no trial to sweep '{name}'")
+    extension = int(parent.data.tags.get(EXTENSIONS_TAG, "0")) + 1
+    return SweepStart(new, tracking, parent, added, f"{name}-{parent.info.run_id[:8]}-x{extension}",
+                      extension=extension)
+
+
+def continue_sweep(start: SweepStart, callbacks: list | None = None) -> SweepOutcome:
+    """Run a resume or extend plan under the sweep's parent run."""
+    specs = planned_trials(start.sweep)
+    _check(start.sweep, {n: specs[n] for n in start.todo}, start.tracking)
+    parent_id = start.parent.info.run_id
+    start.tracking.reopen_run(parent_id)
+    if start.extension:
+        start.tracking.log_json(parent_id, PLAN_ARTIFACT, start.sweep.model_dump(mode="json", by_alias=True))
+        start.tracking.set_tags(parent_id, {EXTENSIONS_TAG: start.extension, SPEC_HASH_TAG: spec_hash(start.sweep)})
+    return _execute(start.sweep, start.tracking, parent_id, start.todo, start.tune_name, callbacks, start.restore,
+                    start.retry_errored)
+
+
+def driver_state(parent) -> str:
+    """alive | gone | unknown: whether the sweep's driver process still runs (knowable only on its own host)."""
+    if parent.info.status != "RUNNING":
+        return "gone"
+    host, _, pid = parent.data.tags.get(DRIVER_TAG, "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return "unknown"
+    try:
+        os.kill(int(pid), 0)
+        return "alive"
+    except OSError:
+        return "gone"
 
 
 def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = None) -> list[str]:
@@ -125,5 +429,6 @@ def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = No
         check_fits(spec.run, TRIAL_CPU)
     run = specs[0].run
     Tracking.for_run(run).experiment_id()
-    return _run_trials(tune.with_parameters(_teacher_trial, specs=by_name), list(by_name), run,
-                       f"teachers-{'-'.join(by_name)}"[:80], None, callbacks)
+    results = _run_tuner(tune.with_parameters(_teacher_trial, specs=by_name), list(by_name), run,
+                         f"teachers-{'-'.join(by_name)}"[:80], _fitting_trials(run), callbacks)
+    return [r.config["trial"] for r in results if r.error is not None]

@@ -26,6 +26,7 @@ EPOCH_METRIC = "epoch"  # logged with every epoch's metrics: its history says wh
 RESUMED_FROM_TAG = "deitlab.resumed_from"
 RESUMES_TAG = "deitlab.resumes"
 DIVERGED_TAG = "deitlab.diverged"  # why a run stopped early: its loss became NaN/Inf
+STOPPED_TAG = "deitlab.stopped_early"  # why a sweep's scheduler (ASHA) stopped a trial
 # Run fields that may differ when a run is resumed: how it is executed. (More workers also means a larger global
 # batch; with optim.lr_base_batch the learning rate follows it.)
 RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
@@ -179,6 +180,15 @@ class Tracking:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def end_if_running(self, run_id: str, status: str) -> None:
+        """End the run unless someone already did (the sweep driver ends a trial that ASHA stopped, as KILLED)."""
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return
+        except Exception:
+            pass
+        self.end_run(run_id, status)
+
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
@@ -242,21 +252,68 @@ class Tracking:
         except Exception as err:
             raise SpecError(f"teacher URI '{uri}': {_one_line(err)}") from None
 
+    # ------------------------------------------------------------------------------------------- artifacts
+    def log_json(self, run_id: str, name: str, payload: Any) -> None:
+        """Write `payload` as the run's artifact `name` (replacing an earlier one of that name)."""
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            self.log_artifact(run_id, path)
+
+    def read_json(self, run_id: str, name: str) -> Any:
+        import json
+        import tempfile
+
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp,
+                                                           tracking_uri=self.tracking_uri)
+                return json.loads(Path(path).read_text(encoding="utf-8"))
+            except Exception as err:
+                raise SpecError(f"run {run_id}: cannot read its artifact '{name}': {_one_line(err)}") from None
+
     # ------------------------------------------------------------------------------------------- queries
-    def sweep_runs(self, sweep: str):
-        """(parent run, [child runs]) of the newest sweep called `sweep` in this experiment."""
-        client = self.client
+    def sweep_parent(self, sweep: str):
+        """The newest parent run of the sweep called `sweep` in this experiment."""
         experiment_id = self.experiment_id(create=False)
         if experiment_id is None:
             raise SpecError(f"no MLflow experiment '{self.experiment}' at '{self.tracking_uri}'")
-        parents = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'sweep'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
+        quoted = sweep.replace("'", "")
+        parents = self.client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{quoted}' and"
+                                          f" tags.`{KIND_TAG}` = 'sweep'",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
         if not parents:
             raise SpecError(f"no sweep '{sweep}' in experiment '{self.experiment}' at '{self.tracking_uri}'")
-        parent = parents[0]
-        children = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-                                      max_results=5000)
-        return parent, children
+        return parents[0]
+
+    def sweep_experiment(self, sweep: str) -> str | None:
+        """The experiment that holds the newest sweep called `sweep`, searching all of the store's experiments."""
+        client = self.client
+        try:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        except Exception as err:
+            raise SpecError(f"tracking URI '{self.tracking_uri}': {_one_line(err)}") from None
+        quoted = sweep.replace("'", "")
+        found = client.search_runs(ids, f"tags.`{SWEEP_TAG}` = '{quoted}' and tags.`{KIND_TAG}` = 'sweep'",
+                                   order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        return client.get_experiment(found[0].info.experiment_id).name if found else None
+
+    def child_runs(self, parent_id: str) -> list:
+        """The parent's child runs, oldest first."""
+        run = self.client.get_run(parent_id)
+        children = self.client.search_runs([run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                           max_results=5000, order_by=["attributes.start_time ASC"])
+        return list(children)
+
+    def sweep_runs(self, sweep: str):
+        """(parent run, [child runs]) of the newest sweep called `sweep` in this experiment."""
+        parent = self.sweep_parent(sweep)
+        return parent, self.child_runs(parent.info.run_id)
 
 
 def _one_line(err: BaseException) -> str:

@@ -132,7 +132,7 @@ def test_bad_sweep_grid_value_fails_before_anything_starts(tmp_path):
     with pytest.raises(SpecError, match="grid: distillation.tau"):
         load_sweep(path)
     path = write_yaml(tmp_path / "s2.yaml", SWEEP.replace("teacher: [convnet, vit]", "teacher: [convnet, rn]"))
-    with pytest.raises(SpecError, match="grid teacher 'rn' is not in 'teachers'"):
+    with pytest.raises(SpecError, match="teacher 'rn' is not in 'teachers'"):
         load_sweep(path)
 
 

@@ -1,0 +1,99 @@
+"""Ray Jobs adapter: a sweep submitted to a cluster is a Ray Job whose entrypoint is the same `deitlab sweep run`.
+
+The client resolves and validates the sweep (every trial) before anything is sent, then ships the platform's own
+code (`py_modules`) and the resolved spec (`working_dir`, a single JSON file): the cluster needs deitlab's
+dependencies installed, not deitlab. Credentials are never put in the job's environment: the cluster's nodes have
+their own (AWS_* variables, instance profiles).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from .errors import SpecError
+from .spec import SweepSpec
+from .sweep import JOB_ENV
+
+SWEEP_METADATA = "deitlab.sweep"
+SPEC_FILE = "sweep.json"
+AGENT_WAIT_S = 180  # a head node that just started takes a while to start its job agent
+
+
+def connect(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise SpecError(f"--address '{address}': expected the Ray dashboard's URL, e.g. http://HEAD:8265")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # unreachable, not a Ray dashboard, refused token
+        raise SpecError(f"--address '{address}': cannot reach a Ray cluster there ({' '.join(str(err).split())[:200]})"
+                        ) from None
+
+
+def submit_sweep(sweep: SweepSpec, address: str) -> str:
+    """Submit `deitlab sweep run` of the resolved spec as a Ray Job; returns the job's submission id."""
+    import deitlab
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package …" on every submission
+    client = connect(address)
+    job_id = f"deitlab-{sweep.name}-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SPEC_FILE).write_text(json.dumps(sweep.model_dump(mode="json", by_alias=True), indent=2),
+                                           encoding="utf-8")
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=f"python -m deitlab sweep run {SPEC_FILE}",
+                    submission_id=job_id,
+                    runtime_env={"working_dir": tmp, "py_modules": [str(Path(deitlab.__file__).parent)],
+                                 "env_vars": {JOB_ENV: job_id}},
+                    metadata={SWEEP_METADATA: sweep.name},
+                )
+                return job_id
+            except RuntimeError as err:
+                text = " ".join(str(err).split())
+                if "No available agent" in text and time.monotonic() < deadline:
+                    time.sleep(2)
+                    continue
+                raise SpecError(f"--address '{address}': the Ray cluster refused the job ({text[:300]})") from None
+
+
+def follow(address: str, job_id: str, write: Callable[[str], None], poll_s: float = 1.0) -> str:
+    """Print the job's log as it grows until the job ends; returns its final status (SUCCEEDED, FAILED, STOPPED)."""
+    client = connect(address)
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            write(logs[shown:])
+            shown = len(logs)
+        if status.is_terminal():
+            return str(status.value)
+        time.sleep(poll_s)
+
+
+def sweep_jobs(address: str, name: str, running_only: bool = True) -> list:
+    """The cluster's jobs that run sweep `name`, newest first."""
+    client = connect(address)
+    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get(SWEEP_METADATA) == name]
+    if running_only:
+        jobs = [j for j in jobs if not j.status.is_terminal()]
+    return sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)
+
+
+def stop_jobs(address: str, name: str) -> list[str]:
+    client = connect(address)
+    stopped = []
+    for job in sweep_jobs(address, name):
+        client.stop_job(job.submission_id)
+        stopped.append(job.submission_id)
+    return stopped
