@@ -280,11 +280,18 @@ def _execute(sweep: SweepSpec, tracking: Tracking, parent_id: str, names: list[s
                                     parent_id=parent_id)
     recorder = _stop_recorder(tracking, parent_id, {n: s.optim.epochs for n, s in specs.items()}, sweep.metric)
     try:
-        _run_tuner(trial_fn, names, sweep.experiment.run, tune_name, concurrency(sweep),
-                   [recorder, *(callbacks or [])], _asha(sweep, specs), restore, retry_errored)
+        results = _run_tuner(trial_fn, names, sweep.experiment.run, tune_name, concurrency(sweep),
+                             [recorder, *(callbacks or [])], _asha(sweep, specs), restore, retry_errored)
     except BaseException:
         _close_interrupted(tracking, parent_id)
         raise
+    # A trial whose process died (out of memory, a lost node) could not close its MLflow run: Tune knows why.
+    errors = {r.config["trial"]: r.error for r in results if r.error is not None}
+    for name, runs in _runs_by_trial(tracking, parent_id).items():
+        if name in errors and runs and runs[0].info.status == "RUNNING":
+            text = " ".join(str(errors[name]).split())[:250] or type(errors[name]).__name__
+            tracking.try_set_tags(runs[0].info.run_id, {"deitlab.last_failure": text})
+            tracking.end_run(runs[0].info.run_id, "FAILED")
     parent = tracking.client.get_run(parent_id)
     states = trial_states(tracking, parent, list(specs), sweep.metric, sweep.mode)
     if any(s.state in ("pending", "running", "interrupted") for s in states if s.name in names):

@@ -170,11 +170,12 @@ def head_node(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "wb"))
     try:
         deadline = time.monotonic() + 180
-        while subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{ports[0]}"], env=env,
-                             capture_output=True).returncode != 0:
+        dashboard = f"http://127.0.0.1:{ports[1]}"
+        probe = f"from ray.job_submission import JobSubmissionClient as C; C('{dashboard}').list_jobs()"
+        while subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
-        yield f"http://127.0.0.1:{ports[1]}", env
+        yield dashboard, env
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
