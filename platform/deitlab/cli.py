@@ -27,7 +27,7 @@ app.add_typer(bench_app, name="bench")
 
 # Results (tables, JSON). Piped output gets room for the wide ablation table instead of rich's 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=160)
-err = Console(stderr=True)  # progress and errors
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)  # progress and errors
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
                                                         help="Override a spec field, e.g. distillation.tau=3")]

@@ -158,7 +158,7 @@ def head_node(tmp_path):
     import socket
 
     ports = []
-    for _ in range(2):
+    for _ in range(3):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
@@ -166,6 +166,8 @@ def head_node(tmp_path):
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--port", str(ports[0]), "--dashboard-host",
                              "127.0.0.1", "--dashboard-port", str(ports[1]), "--num-cpus", "3", "--block",
+                             # the session's own Ray holds the default agent port (52365): a second agent needs another
+                             "--dashboard-agent-listen-port", str(ports[2]),
                              "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "wb"))
     try:
