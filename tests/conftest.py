@@ -52,16 +52,29 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def ray_processes(title_prefix: str) -> list[int]:
-    """Pids of local Ray processes whose title starts with `title_prefix` (Ray retitles them `ray::Class…`)."""
-    pids = []
+    """Pids of this session's Ray processes whose title starts with `title_prefix` (Ray retitles them
+    `ray::Class…`). Only descendants of this test process count: another Ray on the machine is not ours."""
+    me, pids = os.getpid(), []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if title.startswith(title_prefix):
-            pids.append(int(cmdline.parent.name))
+        if not title.startswith(title_prefix):
+            continue
+        pid = ancestor = int(cmdline.parent.name)
+        while ancestor > 1 and ancestor != me:
+            ancestor = _parent(ancestor)
+        if ancestor == me:
+            pids.append(pid)
     return pids
 
 
