@@ -62,7 +62,10 @@ class TrialTable(Callback):
     def __exit__(self, *exc):
         if self in _ACTIVE:
             _ACTIVE.remove(self)
-        return self.live.__exit__(*exc)
+        result = self.live.__exit__(*exc)
+        if not self.console.is_terminal:  # in logs the table is printed once, without a final newline
+            self.console.line()
+        return result
 
     # ------------------------------------------------------------------------------------------- Tune events
     def _row(self, trial) -> Row:
