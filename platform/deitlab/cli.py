@@ -177,7 +177,7 @@ def _train_teachers(loaded) -> None:
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise SpecError(f"teacher names must differ, got {', '.join(names)}")
-    with _table("teachers", names, max(t.optim.epochs for t in loaded)) as table:
+    with _table("teachers", {t.name: t.optim.epochs for t in loaded}) as table:
         failed = train_teachers(loaded, callbacks=[table])
     if failed:
         err.print(f"[red]error:[/] teacher training failed: {', '.join(failed)}")
@@ -189,10 +189,10 @@ def _train_teachers(loaded) -> None:
                   f"  (validation accuracy {100 * float(version.tags.get('deitlab.accuracy', 'nan')):.1f}%)")
 
 
-def _table(title: str, names: list[str], epochs: int, metric: str = "acc", mode: str = "max", states=None):
+def _table(title: str, epochs: dict[str, int], metric: str = "acc", mode: str = "max", states=None):
     from .progress import TrialTable
 
-    return TrialTable(err, title, names, epochs, metric, mode, states)
+    return TrialTable(err, title, epochs, metric, mode, states)
 
 
 @sweep_app.command("plan")
@@ -217,19 +217,19 @@ def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help=
 
 
 def _run_sweep(loaded):
-    from .sweep import planned_trials, run_sweep
+    from .sweep import run_sweep
 
-    return _drive(loaded, f"sweep {loaded.name}", list(planned_trials(loaded)), None,
-                  lambda callbacks: run_sweep(loaded, callbacks=callbacks))
+    return _drive(loaded, f"sweep {loaded.name}", None, lambda callbacks: run_sweep(loaded, callbacks=callbacks))
 
 
-def _drive(sweep, title: str, names: list[str], states, start):
+def _drive(sweep, title: str, states, start):
     """Run `start(callbacks)` under the live trial table; then the summary. Exit 1 when trials failed."""
-    from .sweep import SweepInterrupted
+    from .sweep import SweepInterrupted, planned_trials
 
     shown = {s.name: (s.state, s.epoch, s.value) for s in states or []}
+    epochs = {name: spec.optim.epochs for name, spec in planned_trials(sweep).items()}
     try:
-        with _table(title, names, sweep.experiment.optim.epochs, sweep.metric, sweep.mode, shown) as table:
+        with _table(title, epochs, sweep.metric, sweep.mode, shown) as table:
             outcome = start([table])
     except SweepInterrupted as e:
         err.print(f"[yellow]stopped:[/] {e}", highlight=False)
@@ -307,7 +307,7 @@ def _continue(start, message: str, how: str, ray_address: Optional[str]) -> None
     err.print(message, highlight=False, soft_wrap=True)
     _ray(ray_address, start.sweep.experiment.run)
     names = list(planned_trials(start.sweep))
-    _drive(start.sweep, f"sweep {start.sweep.name} ({how})", names, trial_states(start.tracking, start.parent, names),
+    _drive(start.sweep, f"sweep {start.sweep.name} ({how})", trial_states(start.tracking, start.parent, names),
            lambda callbacks: continue_sweep(start, callbacks))
 
 

@@ -31,10 +31,11 @@ class Row:
 class TrialTable(Callback):
     """A Tune callback and a context manager: `with TrialTable(...) as table: tuner.fit()`."""
 
-    def __init__(self, console: Console, title: str, names: list[str], epochs: int, metric: str = "acc",
+    def __init__(self, console: Console, title: str, epochs: dict[str, int], metric: str = "acc",
                  mode: str = "max", states: dict[str, tuple[str, int | None, float | None]] | None = None):
+        # epochs: each trial's planned epochs (trials of one sweep may differ), keyed by trial name, in table order
         self.console, self.title, self.epochs, self.metric, self.mode = console, title, epochs, metric, mode
-        self.rows = {n: Row() for n in names}
+        self.rows = {n: Row() for n in epochs}
         for name, (state, epoch, value) in (states or {}).items():
             self.rows[name] = Row(state, epoch, value, value)
         self.started = time.monotonic()
@@ -89,7 +90,8 @@ class TrialTable(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if (table := self._target()) is not None:
             row = table._row(trial)
-            stopped = row.epoch is not None and row.epoch < table.epochs
+            planned = table.epochs.get(trial.config.get("trial", trial.trial_id))
+            stopped = row.epoch is not None and planned is not None and row.epoch < planned
             table._ended(trial, "stopped" if stopped else "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -103,7 +105,7 @@ class TrialTable(Callback):
         mark = {"finished": "[green]✓[/]", "stopped": "[yellow]■[/]", "failed": "[red]✗[/]"}[state]
         detail = f"{self.metric} {self._fmt(row.value)}" if row.value is not None else ""
         if state == "stopped":
-            detail += f"  stopped early at epoch {row.epoch}/{self.epochs}"
+            detail += f"  stopped early at epoch {row.epoch}/{self.epochs.get(name, '?')}"
         elif state == "failed":
             detail += f"  failed (logs: {trial.local_path or 'Ray session logs'})"
         self.live.console.print(f"  {mark} {name:<28} {detail}", highlight=False)
@@ -135,6 +137,7 @@ class TrialTable(Callback):
             rows = (running + ended)[:MAX_ROWS]
         for name, row in rows:
             table.add_row(name, f"[{STYLE.get(row.state, '')}]{row.state}[/]",
-                          "—" if row.epoch is None else f"{row.epoch}/{self.epochs}", self._fmt(row.value),
+                          "—" if row.epoch is None else f"{row.epoch}/{self.epochs.get(name, '?')}",
+                          self._fmt(row.value),
                           self._fmt(row.best))
         return table
