@@ -213,7 +213,10 @@ def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, r
                                   arch=spec.teacher.arch, model_kwargs=spec.teacher.model_kwargs)
     torch.manual_seed(spec.run.seed)  # identical initial weights on every rank
     student = build_student(spec.student, spec.distillation, bundle.num_classes, bundle.in_chans, bundle.img_size)
-    init_file = init_file or (spec.init_from if spec.init_from and ":/" not in spec.init_from else None)
+    if spec.init_from and init_file is None:
+        if ":/" in spec.init_from:
+            raise ValueError("the spec has init_from but no checkpoint file was resolved")
+        init_file = spec.init_from
     if init_file:
         init_student(student, student_weights(init_file))
     return Engine(student, teacher=teacher, loss=LossConfig.from_specs(spec.distillation, spec.data.augment),
@@ -249,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_experiment(args.spec, parse_set(args.set))
         if spec.teacher is not None and spec.teacher.checkpoint is None:
             raise SpecError("teacher.uri needs MLflow: use `deitlab train`, or give teacher.checkpoint here")
+        if spec.init_from and ":/" in spec.init_from:
+            raise SpecError("init_from runs:/ and models:/ need MLflow: use `deitlab train`, or give a checkpoint path")
         engine = experiment_engine(spec, spec.teacher.checkpoint if spec.teacher else None, device=pick_device(spec.run))
         for metrics in engine.run(spec.optim.epochs):
             print(json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
