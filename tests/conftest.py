@@ -30,16 +30,21 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real local S3 endpoint (moto's server) for the whole session: yields its host:port."""
+def free_port() -> int:
+    """A TCP port nothing listens on now (for servers the tests start)."""
     import socket
-
-    from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real local S3 endpoint (moto's server) for the whole session: yields its host:port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"127.0.0.1:{port}"

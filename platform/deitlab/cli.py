@@ -217,17 +217,19 @@ def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help=
 
 
 def _run_sweep(loaded):
-    from .sweep import run_sweep
+    from .sweep import planned_trials, run_sweep
 
-    return _drive(loaded, f"sweep {loaded.name}", None, lambda callbacks: run_sweep(loaded, callbacks=callbacks))
+    return _drive(loaded, planned_trials(loaded), f"sweep {loaded.name}", None,
+                  lambda callbacks: run_sweep(loaded, callbacks=callbacks))
 
 
-def _drive(sweep, title: str, states, start):
-    """Run `start(callbacks)` under the live trial table; then the summary. Exit 1 when trials failed."""
-    from .sweep import SweepInterrupted, planned_trials
+def _drive(sweep, specs: dict, title: str, states, start):
+    """Run `start(callbacks)` under the live table of the planned trials `specs`; then the summary. Exit 1 when
+    trials failed."""
+    from .sweep import SweepInterrupted
 
     shown = {s.name: (s.state, s.epoch, s.value) for s in states or []}
-    epochs = {name: spec.optim.epochs for name, spec in planned_trials(sweep).items()}
+    epochs = {name: spec.optim.epochs for name, spec in specs.items()}
     try:
         with _table(title, epochs, sweep.metric, sweep.mode, shown) as table:
             outcome = start([table])
@@ -302,12 +304,12 @@ def sweep_resume(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
 
 def _continue(start, message: str, how: str, ray_address: Optional[str]) -> None:
     """Run a resume or extend plan under the live table, with the states MLflow has for the trials already run."""
-    from .sweep import continue_sweep, planned_trials, trial_states
+    from .sweep import continue_sweep, trial_states
 
     err.print(message, highlight=False, soft_wrap=True)
     _ray(ray_address, start.sweep.experiment.run)
-    names = list(planned_trials(start.sweep))
-    _drive(start.sweep, f"sweep {start.sweep.name} ({how})", trial_states(start.tracking, start.parent, names),
+    _drive(start.sweep, start.specs, f"sweep {start.sweep.name} ({how})",
+           trial_states(start.tracking, start.parent, list(start.specs)),
            lambda callbacks: continue_sweep(start, callbacks))
 
 

@@ -266,12 +266,13 @@ def _asha(sweep: SweepSpec, specs: dict[str, ExperimentSpec]):
                 reduction_factor=sweep.early_stopping.reduction_factor)
 
 
-def _execute(sweep: SweepSpec, tracking: Tracking, parent_id: str, names: list[str], tune_name: str,
-             callbacks: list | None, restore: bool = False, retry_errored: bool = False) -> SweepOutcome:
-    """Run `names` (or restore `tune_name`) under the parent run, and close the parent with what happened."""
+def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking, parent_id: str,
+             names: list[str], tune_name: str, callbacks: list | None, restore: bool = False,
+             retry_errored: bool = False) -> SweepOutcome:
+    """Run `names` of the planned `specs` (or restore `tune_name`) under the parent run; close the parent with what
+    happened."""
     from ray import tune
 
-    specs = planned_trials(sweep)
     tags = {TUNE_RUN_TAG: tune_name, DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}", TRIALS_TAG: len(specs)}
     if os.environ.get(JOB_ENV):
         tags[JOB_TAG] = os.environ[JOB_ENV]
@@ -293,14 +294,13 @@ def _execute(sweep: SweepSpec, tracking: Tracking, parent_id: str, names: list[s
             tracking.try_set_tags(runs[0].info.run_id, {"deitlab.last_failure": text})
             tracking.end_run(runs[0].info.run_id, "FAILED")
     parent = tracking.client.get_run(parent_id)
-    states = trial_states(tracking, parent, list(specs), sweep.metric, sweep.mode)
+    states = trial_states(tracking, parent, list(specs), sweep.metric, sweep.mode, history=True)
     if any(s.state in ("pending", "running", "interrupted") for s in states if s.name in names):
         _close_interrupted(tracking, parent_id)  # Tune returns normally after Ctrl-C / `sweep stop`
         raise SweepInterrupted(f"sweep '{sweep.name}' was stopped; continue it with `deitlab sweep resume {sweep.name}`")
     failed = [s.name for s in states if s.state == "failed"]
     tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
-    return SweepOutcome(parent_id, names, failed, trial_states(tracking, parent, list(specs), sweep.metric,
-                                                               sweep.mode, history=True))
+    return SweepOutcome(parent_id, names, failed, states)
 
 
 def _close_interrupted(tracking: Tracking, parent_id: str) -> None:
@@ -322,7 +322,7 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None) -> SweepOutcome:
                                    params={"sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
                                            "sweep.early_stopping": sweep.early_stopping})
     tracking.log_json(parent_id, PLAN_ARTIFACT, sweep.model_dump(mode="json", by_alias=True))
-    return _execute(sweep, tracking, parent_id, list(specs), f"{sweep.name}-{parent_id[:8]}", callbacks)
+    return _execute(sweep, specs, tracking, parent_id, list(specs), f"{sweep.name}-{parent_id[:8]}", callbacks)
 
 
 def recorded_sweep(tracking: Tracking, name: str):
@@ -338,6 +338,7 @@ class SweepStart:
     """A checked plan to continue a recorded sweep: what `sweep resume` and `sweep extend` run."""
 
     sweep: SweepSpec
+    specs: dict[str, ExperimentSpec]  # every planned trial, by name
     tracking: Tracking
     parent: Any  # the MLflow parent run
     todo: list[str]
@@ -354,7 +355,8 @@ def plan_resume(tracking: Tracking, name: str, retry_errored: bool = False) -> S
     beside the failed one) only with `retry_errored`.
     """
     parent, sweep = recorded_sweep(tracking, name)
-    states = trial_states(tracking, parent, list(planned_trials(sweep)))
+    specs = planned_trials(sweep)
+    states = trial_states(tracking, parent, list(specs))
     failed = [s.name for s in states if s.state == "failed"]
     todo = [s.name for s in states if not s.done and (retry_errored or s.state != "failed")]
     if not todo:
@@ -368,7 +370,7 @@ def plan_resume(tracking: Tracking, name: str, retry_errored: bool = False) -> S
     restore = bool(tune_name) and _can_restore(sweep.experiment.run, tune_name)
     if not restore:  # the driver died before Tune saved its state: a new Tune run over what is left
         tune_name = f"{sweep.name}-{parent.info.run_id[:8]}-r{len(todo)}"
-    return SweepStart(sweep, tracking, parent, todo, tune_name, restore, retry_errored)
+    return SweepStart(sweep, specs, tracking, parent, todo, tune_name, restore, retry_errored)
 
 
 def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> SweepStart:
@@ -392,25 +394,25 @@ def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> Swe
         raise SpecError(f"sweep extend: {'teacher ' + ', '.join(changed) if changed else 'metric and mode'} cannot"
                         " change; add teachers under new names")
     existing = _runs_by_trial(tracking, parent.info.run_id)
-    added = [n for n in planned_trials(new) if n not in existing]
+    specs = planned_trials(new)
+    added = [n for n in specs if n not in existing]
     if not added:
         raise SpecError(f"sweep extend: the changes add no trial to sweep '{name}'")
     extension = int(parent.data.tags.get(EXTENSIONS_TAG, "0")) + 1
-    return SweepStart(new, tracking, parent, added, f"{name}-{parent.info.run_id[:8]}-x{extension}",
+    return SweepStart(new, specs, tracking, parent, added, f"{name}-{parent.info.run_id[:8]}-x{extension}",
                       extension=extension)
 
 
 def continue_sweep(start: SweepStart, callbacks: list | None = None) -> SweepOutcome:
     """Run a resume or extend plan under the sweep's parent run."""
-    specs = planned_trials(start.sweep)
-    _check(start.sweep, {n: specs[n] for n in start.todo}, start.tracking)
+    _check(start.sweep, {n: start.specs[n] for n in start.todo}, start.tracking)
     parent_id = start.parent.info.run_id
     start.tracking.reopen_run(parent_id)
     if start.extension:
         start.tracking.log_json(parent_id, PLAN_ARTIFACT, start.sweep.model_dump(mode="json", by_alias=True))
         start.tracking.set_tags(parent_id, {EXTENSIONS_TAG: start.extension, SPEC_HASH_TAG: spec_hash(start.sweep)})
-    return _execute(start.sweep, start.tracking, parent_id, start.todo, start.tune_name, callbacks, start.restore,
-                    start.retry_errored)
+    return _execute(start.sweep, start.specs, start.tracking, parent_id, start.todo, start.tune_name, callbacks,
+                    start.restore, start.retry_errored)
 
 
 def driver_state(parent) -> str:

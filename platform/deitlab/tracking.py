@@ -283,9 +283,7 @@ class Tracking:
         experiment_id = self.experiment_id(create=False)
         if experiment_id is None:
             raise SpecError(f"no MLflow experiment '{self.experiment}' at '{self.tracking_uri}'")
-        quoted = sweep.replace("'", "")
-        parents = self.client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{quoted}' and"
-                                          f" tags.`{KIND_TAG}` = 'sweep'",
+        parents = self.client.search_runs([experiment_id], _sweep_filter(sweep),
                                           order_by=["attributes.start_time DESC"], max_results=1)
         if not parents:
             raise SpecError(f"no sweep '{sweep}' in experiment '{self.experiment}' at '{self.tracking_uri}'")
@@ -298,9 +296,8 @@ class Tracking:
             ids = [e.experiment_id for e in client.search_experiments()]
         except Exception as err:
             raise SpecError(f"tracking URI '{self.tracking_uri}': {_one_line(err)}") from None
-        quoted = sweep.replace("'", "")
-        found = client.search_runs(ids, f"tags.`{SWEEP_TAG}` = '{quoted}' and tags.`{KIND_TAG}` = 'sweep'",
-                                   order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        found = client.search_runs(ids, _sweep_filter(sweep), order_by=["attributes.start_time DESC"],
+                                   max_results=1) if ids else []
         return client.get_experiment(found[0].info.experiment_id).name if found else None
 
     def child_runs(self, parent_id: str) -> list:
@@ -314,6 +311,12 @@ class Tracking:
         """(parent run, [child runs]) of the newest sweep called `sweep` in this experiment."""
         parent = self.sweep_parent(sweep)
         return parent, self.child_runs(parent.info.run_id)
+
+
+def _sweep_filter(sweep: str) -> str:
+    """MLflow's search filter for the parent runs of the sweep called `sweep`."""
+    quoted = sweep.replace("'", "")
+    return f"tags.`{SWEEP_TAG}` = '{quoted}' and tags.`{KIND_TAG}` = 'sweep'"
 
 
 def _one_line(err: BaseException) -> str:

@@ -4,7 +4,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,16 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_STUDENT, s3_client, write_yaml
+from conftest import TINY_STUDENT, free_port, s3_client, write_yaml
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -37,7 +30,7 @@ def _stop(process: subprocess.Popen) -> None:
 def two_node_cluster(tmp_path):
     """A head node and a second node, each with one CPU, sharing a fresh auth token (not ~/.ray's)."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    port = _free_port()
+    port = free_port()
     common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
     nodes = [subprocess.Popen([str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard",
                                "false", *common], env=env, start_new_session=True,

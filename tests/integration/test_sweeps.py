@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TINY_STUDENT, ray_processes, write_yaml
+from conftest import TINY_STUDENT, free_port, ray_processes, write_yaml
 from deitlab.cli import app
 
 pytestmark = pytest.mark.integration
@@ -155,13 +155,7 @@ def test_init_from_a_run_fine_tunes_at_a_higher_resolution(ray_session, tmp_path
 def head_node(tmp_path):
     """A `ray start --head` cluster with its dashboard (the Jobs API) and token authentication, as a real cluster
     should run; the venv's bin on PATH, as on a real node. Yields (dashboard URL, the client's environment)."""
-    import socket
-
-    ports = []
-    for _ in range(3):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
+    ports = [free_port() for _ in range(3)]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--port", str(ports[0]), "--dashboard-host",
