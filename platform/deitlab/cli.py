@@ -441,21 +441,41 @@ def sweep_submit(sweep: Path,
 @app.command()
 @handled
 def report(sweep: Annotated[str, typer.Argument(help="a sweep spec file, or a sweep name")],
-           format: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
+           format: Annotated[str, typer.Option("--format", "-f", help="table | json | html")] = "table",
+           out_dir: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="also write the report"
+                                                           " files and plots/*.png here (html: default"
+                                                           " ./deitlab-report-SWEEP)")] = None,
            workdir: Annotated[Optional[Path], typer.Option(help="work directory of the default MLflow store")] = None,
            tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI")] = None,
            experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment name")] = None) -> None:
-    """The ablation table and the teacher comparison of a sweep, from MLflow."""
-    from .report import build_report, render
+    """The ablation table (DeiT Table 3 shape), the teacher comparison and plots of a sweep, from MLflow."""
+    import re
 
-    if format not in ("table", "json"):
-        raise SpecError(f"--format '{format}': expected table or json")
+    from .report import build_report, check_out_dir, render, write_report
+
+    # options first: a bad one fails in one line before MLflow is opened
+    written_as = {"table": ("md",), "json": ("json",), "html": ("html",)}
+    if format not in written_as:
+        raise SpecError(f"--format '{format}': expected table, json or html")
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir, "--out")
     name, tracking = _located(sweep, workdir, tracking_uri, experiment)
+    if format == "html" and out_dir is None:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "sweep"  # a sweep name may hold / or spaces
+        out_dir = check_out_dir(Path(f"deitlab-report-{safe}"), "default report directory (choose one with --out)")
     result = build_report(tracking, name)
     if format == "json":
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
-    else:
+    elif format == "table":
         render(result, out)
+    if out_dir is None:
+        return
+    paths = write_report(result, out_dir, written_as[format])
+    if format == "html":
+        sys.stdout.write(f"{paths[-1]}\n")  # the page; its plots are embedded (and also in plots/ beside it)
+    else:  # stdout keeps the table or the JSON
+        err.print(f"wrote {', '.join(str(p.relative_to(out_dir)) for p in paths)} to {out_dir}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()

@@ -41,6 +41,25 @@ class DataBundle:
         return len(self.train[1] if self.in_memory else self.train), len(self.val[1] if self.in_memory else self.val)
 
 
+def data_fingerprint(bundle: DataBundle) -> str:
+    """A short SHA-256 of the data as loaded: images and labels of both splits (in-memory sets), or every file's
+    relative path, size and class (image folders). Two runs with equal fingerprints saw the same data."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for split in (bundle.train, bundle.val):
+        if isinstance(split, tuple):
+            for tensor in split:
+                digest.update(tensor.contiguous().numpy().tobytes())
+        else:
+            root = split.root
+            for path, label in split.samples:
+                digest.update(f"{os.path.relpath(path, root)}|{os.path.getsize(path)}|{label}\n".encode())
+        digest.update(b"--split--")
+    return digest.hexdigest()[:16]
+
+
 def load_data(data) -> DataBundle:
     if data.dataset == "digits":
         return _digits(data)

@@ -89,14 +89,23 @@ def fused_probabilities(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> 
     return 0.5 * (F.softmax(cls_logits.float(), dim=-1) + F.softmax(dist_logits.float(), dim=-1))
 
 
+def head_predictions(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The predicted class of each head: cls, dist and fused."""
+    return {"cls": cls_logits.argmax(-1), "dist": dist_logits.argmax(-1),
+            "fused": fused_probabilities(cls_logits, dist_logits).argmax(-1)}
+
+
+def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A num_classes × num_classes count matrix: row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def head_agreement_counts(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
-                          teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                          teacher_logits: torch.Tensor | None,
+                          predictions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Correct-prediction and agreement counts for one batch (sums, so ranks can all-reduce them)."""
-    predictions = {
-        "cls": cls_logits.argmax(-1),
-        "dist": dist_logits.argmax(-1),
-        "fused": fused_probabilities(cls_logits, dist_logits).argmax(-1),
-    }
+    predictions = predictions or head_predictions(cls_logits, dist_logits)
     counts = {f"correct_{k}": (p == labels).sum() for k, p in predictions.items()}
     if teacher_logits is not None:
         teacher_pred = teacher_logits.argmax(-1)

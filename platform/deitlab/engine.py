@@ -20,7 +20,8 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from .data import BatchPipeline, DataBundle, load_data, make_loaders
-from .distill import accuracies_from_counts, distillation_loss, ground_truth_loss, head_agreement_counts
+from .distill import (accuracies_from_counts, confusion_counts, distillation_loss, ground_truth_loss,
+                      head_agreement_counts, head_predictions)
 from .models import student_heads
 
 
@@ -79,6 +80,11 @@ class Engine:
         self.seed = run.seed
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, float]] = []  # every completed epoch's metrics, kept in checkpoints
+        self.confusion: list[list[int]] | None = None  # the last evaluation's confusion matrix (eval head)
+        # Called every `log_every_steps` optimiser steps with (global step, {"train_loss_step", "lr_step"}): the one
+        # host sync of the step happens only then. Adapters point it at their metric logger.
+        self.on_step = None
+        self.log_every_steps = getattr(run, "log_every_steps", 0)
 
     def _seed_epoch(self) -> None:
         """Reseed every RNG that augmentation and dropout draw from, from (seed, rank, epoch).
@@ -144,6 +150,9 @@ class Engine:
             if self.scheduler is not None:
                 self.scheduler.step_update(self.epoch * len(self.train_loader) + steps)
             sums += torch.stack([parts.loss.detach(), parts.base, parts.kd])
+            if self.on_step is not None and self.log_every_steps and steps % self.log_every_steps == 0:
+                self.on_step(self.epoch * len(self.train_loader) + steps,
+                             {"train_loss_step": parts.loss.item(), "lr_step": self.optimizer.param_groups[0]["lr"]})
         self.epoch += 1
         elapsed = time.perf_counter() - start
         if self._distributed:  # every rank has the same number of steps: the mean of rank means is the global mean
@@ -161,6 +170,8 @@ class Engine:
         """Accuracies of the class head, distillation head, fused heads and teacher, and agreement with the teacher."""
         self.model.eval()
         totals: dict[str, torch.Tensor] = {}
+        classes = self.bundle.num_classes
+        confusion = torch.zeros(classes, classes, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         for images, labels in self.val_loader:
             images = self.pipeline.normalize(images.to(self.device, non_blocking=True))
@@ -169,12 +180,17 @@ class Engine:
                 cls_logits, dist_logits = student_heads(self.model, images)
             teacher_logits = self._teacher_logits(images)
             loss_sum += ground_truth_loss(cls_logits, labels) * labels.numel()
-            for key, value in head_agreement_counts(cls_logits, dist_logits, labels, teacher_logits).items():
+            predictions = head_predictions(cls_logits, dist_logits)
+            confusion += confusion_counts(labels, predictions[self.eval_head], classes)
+            for key, value in head_agreement_counts(cls_logits, dist_logits, labels, teacher_logits,
+                                                    predictions).items():
                 totals[key] = totals.get(key, 0) + value.float()
         keys = sorted(totals)
         packed = torch.stack([totals[k] for k in keys] + [loss_sum])
         if self._distributed:
             dist.all_reduce(packed)
+            dist.all_reduce(confusion)
+        self.confusion = confusion.tolist()
         counts = dict(zip(keys, packed.tolist()))
         metrics = accuracies_from_counts(counts)
         metrics["val_loss"] = packed[-1].item() / max(counts["count"], 1.0)

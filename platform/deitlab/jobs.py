@@ -18,6 +18,7 @@ from typing import Callable
 from .errors import SpecError
 from .spec import SweepSpec
 from .sweep import JOB_ENV
+from .tracking import GIT_ENV, git_commit
 
 SWEEP_METADATA = "deitlab.sweep"
 SPEC_FILE = "sweep.json"
@@ -47,6 +48,10 @@ def submit_sweep(sweep: SweepSpec, address: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SPEC_FILE).write_text(json.dumps(sweep.model_dump(mode="json", by_alias=True), indent=2),
                                            encoding="utf-8")
+        env = {JOB_ENV: job_id}
+        commit = git_commit()  # the job's copy of the package has no .git: its runs get the commit from here
+        if commit:
+            env[GIT_ENV] = commit
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
@@ -54,7 +59,7 @@ def submit_sweep(sweep: SweepSpec, address: str) -> str:
                     entrypoint=f"python -m deitlab sweep run {SPEC_FILE}",
                     submission_id=job_id,
                     runtime_env={"working_dir": tmp, "py_modules": [str(Path(deitlab.__file__).parent)],
-                                 "env_vars": {JOB_ENV: job_id}},
+                                 "env_vars": env},
                     metadata={SWEEP_METADATA: sweep.name},
                 )
                 return job_id

@@ -42,6 +42,25 @@ def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     return model.head(tokens[:, 0]), model.head_dist(tokens[:, 1])
 
 
+def model_family(model: nn.Module) -> str:
+    """`transformer` for models that cut images into patch tokens (ViT, DeiT, Swin, ...), `convnet` otherwise."""
+    return "transformer" if hasattr(model, "patch_embed") else "convnet"
+
+
+def model_size(model: nn.Module, in_chans: int, img_size: int) -> dict[str, float]:
+    """Parameters (millions) and forward GFLOPs per image (one multiply-add = 2 FLOPs), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+    model.train(was_training)
+    return {"params_m": params / 1e6, "gflops": counter.get_total_flops() / 1e9}
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -53,12 +72,19 @@ def freeze(model: nn.Module) -> nn.Module:
 def save_model(path: str | Path, model: nn.Module, *, arch: str, model_kwargs: dict[str, Any], num_classes: int,
                in_chans: int, metadata: dict[str, Any] | None = None) -> Path:
     """Write a self-describing model file atomically (tmp file + rename): weights, architecture and metadata."""
+    return write_model_file(path, getattr(model, "module", model).state_dict(), arch=arch, model_kwargs=model_kwargs,
+                            num_classes=num_classes, in_chans=in_chans, metadata=metadata)
+
+
+def write_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], *, arch: str, model_kwargs: dict[str, Any],
+                     num_classes: int, in_chans: int, metadata: dict[str, Any] | None = None) -> Path:
+    """save_model for weights already out of their module (e.g. read from a checkpoint's state)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
         "in_chans": in_chans, "metadata": dict(metadata or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in getattr(model, "module", model).state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)

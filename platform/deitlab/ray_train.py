@@ -17,7 +17,7 @@ from typing import Any
 from .checkpoints import Storage, write_checkpoint
 from .errors import SpecError, TrainingDiverged
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
-from .tracking import DIVERGED_TAG, Tracking
+from .tracking import DIVERGED_TAG, GIT_COMMIT_TAG, TEACHER_FAMILY_TAG, MetricLogger, Tracking, git_commit
 
 log = logging.getLogger("deitlab.train")
 
@@ -194,22 +194,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = _restore(engine, Storage.open(spec.run.resolved_storage, create=False), job.name, device)
     nodes = _worker_nodes(world_size)
 
-    # MLflow holds each epoch once: epochs it already has (logged before a failure) are not logged again, and epochs
-    # the checkpoint has but MLflow lacks (a failure between checkpoint and logging) are filled in from its history.
     tracked = rank == 0 and job.run_id is not None
-    logged = job.tracking.logged_epochs(job.run_id) if tracked else set()
+    metrics_log = system_monitor = None
+    logged: set[int] = set()
     if tracked:
+        # Rank 0 never waits on MLflow: a call to an unreachable server gives up after ~10 s (MLflow's default is
+        # several minutes of retries) and the metric logger keeps the values until the server is back.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        metrics_log = MetricLogger(job.tracking, job.run_id)
+        engine.on_step = metrics_log.log
+        system_monitor = _system_metrics(job)
         job.tracking.try_set_tags(job.run_id, {"deitlab.worker_nodes": ",".join(nodes)})
+        # MLflow holds each epoch once: epochs it already has (logged before a failure) are not logged again, and
+        # epochs the checkpoint has but MLflow lacks (a failure between checkpoint and logging) are filled in from
+        # its history. When MLflow cannot be asked, nothing is refilled here: the driver fills gaps at the end.
+        try:
+            logged = job.tracking.logged_epochs(job.run_id, strict=True)
+        except Exception:
+            logged = {int(m["epoch"]) for m in engine.history}
         for metrics in engine.history:
             if metrics["epoch"] not in logged:
-                job.tracking.log_metrics(job.run_id, metrics, step=int(metrics["epoch"]))
+                metrics_log.log(metrics, step=int(metrics["epoch"]))
                 logged.add(metrics["epoch"])
         if resumed_from:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", job.name, resumed_from, engine.epoch)
             job.tracking.record_resume(job.run_id, resumed_from, engine.epoch)
 
     try:
-        _train_epochs(job, engine, rank, logged)
+        _train_epochs(job, engine, rank, logged, metrics_log)
     except FloatingPointError as err:
         # Deterministic: restarting from the last checkpoint would diverge again. End this attempt cleanly and let
         # the driver fail the run with the reason (the loss is all-reduced, so every rank stops at the same epoch).
@@ -217,16 +230,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise
         log.warning("%s: %s", job.name, err)
         job.tracking.try_set_tags(job.run_id, {DIVERGED_TAG: str(err)})
+    finally:
+        if system_monitor is not None:
+            system_monitor.finish()
+        if metrics_log is not None:
+            metrics_log.close()
 
 
-def _train_epochs(job: TrainJob, engine, rank: int, logged: set[int]) -> None:
+def _system_metrics(job: TrainJob):
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on rank 0's node, or None
+    where psutil is missing or the monitor cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(job.run_id, sampling_interval=5, resume_logging=True,
+                                       tracking_uri=job.tracking.tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as err:
+        log.warning("system metrics are not recorded (%s)", " ".join(str(err).split())[:200])
+        return None
+
+
+def _train_epochs(job: TrainJob, engine, rank: int, logged: set[int], metrics_log: MetricLogger | None) -> None:
     """Per epoch: report (rank 0 adds a checkpoint every N epochs and at the end), then log to MLflow once."""
     import ray.train
 
     from .models import save_model
+    from .run_artifacts import write_checkpoint_extras
 
     spec = job.spec
-    tracked = rank == 0 and job.run_id is not None
+    tracked = metrics_log is not None
     epochs, every = spec.optim.epochs, spec.run.checkpoint_every
     for metrics in engine.run(epochs):
         last = engine.epoch == epochs
@@ -241,11 +275,12 @@ def _train_epochs(job: TrainJob, engine, rank: int, logged: set[int]) -> None:
                                metadata={"accuracy": metrics["acc"], "img_size": bundle.img_size,
                                          "mean": bundle.mean, "std": bundle.std})
                     extra = (MODEL_FILE,)
+                extra += write_checkpoint_extras(tmp, engine.history, engine.confusion)
                 write_checkpoint(tmp, engine.state_dict(), extra_files=extra)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)  # returns once the checkpoint is in storage
         if tracked and engine.epoch not in logged:
-            job.tracking.log_metrics(job.run_id, metrics, step=engine.epoch)
+            metrics_log.log(metrics, step=engine.epoch)
             logged.add(engine.epoch)
 
 
@@ -341,20 +376,111 @@ class TrainOutcome:
     model_uri: str | None = None  # teachers: the registered version
 
 
-def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking, init_from: str | None = None) -> None:
+def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking,
+                       init_from: str | None = None) -> dict[str, dict[str, Any]]:
     """Resolve and load every teacher (and the student's init_from) once in the driver, so a bad checkpoint or URI
-    fails before Ray starts work."""
+    fails before Ray starts work. Returns what the runs' tags say of each teacher, by label: family, arch, size."""
     from .data import load_data
-    from .models import load_teacher, student_weights
+    from .models import load_teacher, model_family, model_size, student_weights
 
     if init_from:
         student_weights(resolve_init_file(init_from, tracking))
     if not teachers:
-        return
+        return {}
     bundle = load_data(data)
+    found = {}
     for teacher in teachers:
-        load_teacher(resolve_teacher_file(teacher, tracking), num_classes=bundle.num_classes,
-                     in_chans=bundle.in_chans, arch=teacher.arch, model_kwargs=teacher.model_kwargs)
+        model, payload = load_teacher(resolve_teacher_file(teacher, tracking), num_classes=bundle.num_classes,
+                                      in_chans=bundle.in_chans, arch=teacher.arch, model_kwargs=teacher.model_kwargs)
+        size = model_size(model, bundle.in_chans, bundle.img_size)
+        found[teacher.label] = {"family": model_family(model), "arch": payload["arch"],
+                                "params_m": round(size["params_m"], 4), "gflops": round(size["gflops"], 4)}
+    return found
+
+
+def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The tags an experiment's MLflow run is found and grouped by in the UI: mode, student, teacher and its family."""
+    teacher = spec.teacher.label if spec.teacher else "none"
+    info = teachers.get(teacher, {}) if spec.distillation.mode != "none" else {}
+    tags = {"deitlab.mode": spec.distillation.mode, "deitlab.student": spec.student.arch,
+            "deitlab.token": spec.distillation.uses_token, "deitlab.teacher": teacher,
+            TEACHER_FAMILY_TAG: info.get("family", "none")}
+    if info:
+        tags.update({"deitlab.teacher_arch": info["arch"], "deitlab.teacher_gflops": info["gflops"]})
+    return tags
+
+
+def _common_tags(spec) -> dict[str, Any]:
+    """Tags of every run: the deitlab commit that ran it and the user's own run.tags."""
+    commit = git_commit()
+    return {**({GIT_COMMIT_TAG: commit} if commit else {}), **spec.run.tags}
+
+
+def _record_results(job: TrainJob, result) -> None:
+    """After a successful fit: fill in epochs MLflow lacks, then log curves, confusion matrix and best weights.
+
+    Read from the checkpoints in storage (history.json, confusion.json, the best state.pt), not from the workers:
+    this runs in the driver, which retries an unreachable tracking server for minutes.
+    """
+    import json
+
+    from .run_artifacts import (CONFUSION_FILE, HISTORY_FILE, confusion_json, confusion_png, curves_png)
+
+    tracking, run_id, spec = job.tracking, job.run_id, job.spec
+    last = result.checkpoint
+    if last is None:
+        return
+    storage = Storage.open(spec.run.resolved_storage, create=False)
+
+    def read(checkpoint_path: str, name: str):
+        try:
+            with storage.filesystem.open_input_stream(f"{checkpoint_path}/{name}") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+
+    history = read(last.path, HISTORY_FILE) or []
+    filled = tracking.fill_missing_epochs(run_id, history)
+    if filled:
+        log.warning("%s: %d epoch(s) the workers could not deliver to MLflow were filled in from the checkpoint",
+                    job.name, filled)
+    title = f"{spec.name if job.is_teacher else job.name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [curves_png(history, Path(tmp) / "curves.png", title)]
+        confusion = read(last.path, CONFUSION_FILE)
+        if confusion:
+            head = "cls" if job.is_teacher else spec.distillation.eval_head
+            (Path(tmp) / "confusion_matrix.json").write_text(json.dumps(confusion_json(confusion, head), indent=1))
+            files += [Path(tmp) / "confusion_matrix.json",
+                      confusion_png(confusion, Path(tmp) / "confusion_matrix.png", f"{title} ({head} head)")]
+        for path in files:
+            if path is not None:
+                tracking.log_artifact(run_id, path, "evaluation")
+        if not job.is_teacher:
+            _log_best_model(job, result, storage, Path(tmp))
+
+
+def _log_best_model(job: TrainJob, result, storage: Storage, tmp: Path) -> None:
+    """The kept checkpoint that is best by run.checkpoint_metric, as a deitlab model file: `best_model/model.pt`."""
+    from .data import load_data
+    from .models import write_model_file
+
+    spec = job.spec
+    metric, order = spec.run.checkpoint_metric, spec.run.checkpoint_order
+    kept = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if not kept:
+        return
+    checkpoint, metrics = (max if order == "max" else min)(kept, key=lambda cm: cm[1][metric])
+    state = storage.load(checkpoint.path)
+    bundle = load_data(spec.data)
+    token = spec.distillation.uses_token
+    path = write_model_file(tmp / "best_model" / "model.pt", state["model"], arch=spec.student.timm_name(token),
+                            model_kwargs=spec.student.timm_kwargs(bundle.img_size), num_classes=bundle.num_classes,
+                            in_chans=bundle.in_chans,
+                            metadata={"epoch": int(state["epoch"]), metric: metrics[metric], "run_id": job.run_id,
+                                      "img_size": bundle.img_size, "mean": bundle.mean, "std": bundle.std})
+    job.tracking.log_artifact(job.run_id, path, "best_model")
+    job.tracking.set_tags(job.run_id, {"deitlab.best_epoch": int(state["epoch"]), f"deitlab.best_{metric}": metrics[metric]})
 
 
 def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str], callbacks=None,
@@ -366,13 +492,16 @@ def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str
         run_id = resume_run_id
         tracking.reopen_run(run_id)
     else:
-        run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags=tags, parent_id=parent_id)
+        run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags={**_common_tags(job_spec), **tags},
+                                    parent_id=parent_id)
+        tracking.log_json(run_id, "spec.json", job_spec.model_dump(mode="json", by_alias=True))
     job = TrainJob(job_spec, tracking, run_id, ray_run_name(run_name, run_id))
     try:
         result = fit(job, callbacks=callbacks)
         recorded = tracking.client.get_run(run_id).data.tags
         if DIVERGED_TAG in recorded:  # the workers stopped early (and were not restarted)
             raise TrainingDiverged(f"{run_name}: {recorded[DIVERGED_TAG]} (MLflow run {run_id})")
+        _record_results(job, result)
         extra = on_success(run_id, result) if on_success else None
     except KeyboardInterrupt:
         tracking.end_if_running(run_id, "KILLED")
@@ -405,8 +534,9 @@ def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | N
         else:
             log.warning("resuming run %s from checkpoint %s (epoch %d)", resume_id, storage.display(found[1]),
                         found[0]["epoch"])
-    preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking, spec.init_from)
-    return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train"}, resume_run_id=resume_id)
+    teachers = preflight_teachers([spec.teacher] if spec.teacher else [], spec.data, tracking, spec.init_from)
+    return tracked_fit(spec, tracking, spec.name, {KIND_TAG: "train", **run_tags(spec, teachers)},
+                       resume_run_id=resume_id)
 
 
 def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> TrainOutcome:
@@ -419,9 +549,25 @@ def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> T
     def register(run_id: str, result) -> str:
         with result.checkpoint.as_directory() as directory:
             tracking.log_artifact(run_id, Path(directory) / MODEL_FILE, "teacher")
-        uri = tracking.register_teacher(run_id, "teacher", spec.name, result.metrics["acc"])
-        tracking.set_tags(run_id, {"deitlab.model_uri": uri, TEACHER_ACC_TAG: result.metrics["acc"]})
+            card = teacher_card(Path(directory) / MODEL_FILE, spec)
+        uri = tracking.register_teacher(run_id, "teacher", spec.name, result.metrics["acc"], tags=card,
+                                        alias=spec.alias)
+        tracking.set_tags(run_id, {"deitlab.model_uri": uri, TEACHER_ACC_TAG: result.metrics["acc"],
+                                   TEACHER_FAMILY_TAG: card["family"]})
         return uri
 
     return tracked_fit(spec, tracking, f"teacher-{spec.name}", {KIND_TAG: "teacher", "deitlab.teacher": spec.name},
                         callbacks=callbacks, on_success=register)
+
+
+def teacher_card(model_file: Path, spec: TeacherTrainingSpec) -> dict[str, Any]:
+    """A registered teacher version's tags: architecture, family, size, and the data it was trained and measured on."""
+    from .data import data_fingerprint, load_data
+    from .models import load_teacher, model_family, model_size
+
+    bundle = load_data(spec.data)
+    model, payload = load_teacher(model_file, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
+    size = model_size(model, bundle.in_chans, bundle.img_size)
+    return {"architecture": payload["arch"], "family": model_family(model), "params_m": f"{size['params_m']:.4f}",
+            "gflops": f"{size['gflops']:.4f}", "img_size": bundle.img_size, "dataset": spec.data.dataset,
+            "data_fingerprint": data_fingerprint(bundle), "num_classes": bundle.num_classes}

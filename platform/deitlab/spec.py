@@ -226,6 +226,13 @@ class RunSpec(_Strict):
     storage: str | None = Field(None, description="Ray storage path (local dir or s3://...); default WORKDIR/ray_results")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in WORKDIR")
     experiment: str = Field("deitlab", description="MLflow experiment name")
+    artifacts: str | None = Field(
+        None, description="where a new MLflow experiment keeps its artifacts: a directory or s3://bucket/prefix (the"
+                          " endpoint from AWS_ENDPOINT_URL); default WORKDIR/mlartifacts for the local store, the"
+                          " server's artifact root for a tracking server")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags on the run (team, ticket, ...)")
+    log_every_steps: int = Field(50, ge=0, description="log the training loss and lr every N steps (0: per epoch"
+                                                        " only); sent in the background, never waited for")
     checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints (the last epoch always has one)")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept: the best by checkpoint_metric, plus the latest")
     checkpoint_metric: str = Field("acc", description="metric that ranks checkpoints, e.g. acc, val_loss")
@@ -247,6 +254,18 @@ class RunSpec(_Strict):
             raise ValueError("credentials do not belong in run.storage; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                              " (or a profile) in the environment")
         return _absolute(uri.removeprefix("file://")) if uri else uri
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifact_location(cls, uri: str | None) -> str | None:
+        if not uri:
+            return None
+        if "@" in uri or "?" in uri:
+            raise ValueError("run.artifacts takes s3://bucket/prefix or a directory, without credentials or query"
+                             " options (the S3 endpoint comes from AWS_ENDPOINT_URL)")
+        if "://" in uri and not uri.startswith(("s3://", "file://", "gs://", "wasbs://")):
+            raise ValueError(f"run.artifacts '{uri}': expected s3://bucket/prefix or a directory")
+        return uri if "://" in uri and not uri.startswith("file://") else Path(_absolute(uri.removeprefix("file://"))).as_uri()
 
     _known_metric = field_validator("checkpoint_metric")(_epoch_metric)
 
@@ -328,6 +347,8 @@ class TeacherTrainingSpec(_Strict):
     """`deitlab teacher train`: a plain classifier trained on the data, then registered in MLflow."""
 
     name: str = Field(..., description="registered model name, e.g. digits-convnet")
+    alias: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+                              description="registry alias moved to each new version (models:/NAME@ALIAS)")
     arch: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec = Field(default_factory=DataSpec)

@@ -12,15 +12,20 @@ state can lag a driver that was killed); an unfinished one continues from its la
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .ray_train import check_fits, preflight_teachers, tracked_fit, train_teacher
+from .ray_train import check_fits, preflight_teachers, run_tags, tracked_fit, train_teacher
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
-from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
+from .tracking import GIT_COMMIT_TAG, KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking, git_commit
+
+log = logging.getLogger("deitlab.sweep")
 
 # The trial function only waits on its TorchTrainer; a sliver of a CPU keeps it from starving the workers.
 TRIAL_CPU = 0.01
@@ -126,7 +131,7 @@ def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "ac
 
 # ------------------------------------------------------------------------------------------------ trials
 def _sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, ExperimentSpec], tracking: Tracking,
-                 parent_id: str) -> None:
+                 parent_id: str, teachers: dict[str, dict[str, Any]]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -139,7 +144,8 @@ def _sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, Exper
         return
     unfinished = next((r for r in runs if r.info.status in ("RUNNING", "KILLED")), None)
     tags = {SWEEP_TAG: sweep_name, KIND_TAG: "trial", "deitlab.trial_id": tune.get_context().get_trial_id(),
-            "deitlab.teacher_role": "reference" if spec.distillation.mode == "none" else "distillation"}
+            "deitlab.teacher_role": "reference" if spec.distillation.mode == "none" else "distillation",
+            **run_tags(spec, teachers)}
     tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id,
                 resume_run_id=unfinished.info.run_id if unfinished else None)
 
@@ -234,12 +240,12 @@ class SweepOutcome:
     states: list[TrialState]  # every planned trial, as MLflow has it at the end
 
 
-def _check(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking) -> None:
-    """Everything that can fail before a trial starts: resources, teachers."""
+def _check(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking) -> dict[str, dict[str, Any]]:
+    """Everything that can fail before a trial starts: resources, teachers. Returns what is known of the teachers."""
     for spec in specs.values():
         check_fits(spec.run, TRIAL_CPU)
-    preflight_teachers(list({s.teacher.label: s.teacher for s in specs.values() if s.teacher}.values()),
-                       sweep.experiment.data, tracking, sweep.experiment.init_from)
+    return preflight_teachers(list({s.teacher.label: s.teacher for s in specs.values() if s.teacher}.values()),
+                              sweep.experiment.data, tracking, sweep.experiment.init_from)
 
 
 def _asha(sweep: SweepSpec, specs: dict[str, ExperimentSpec]):
@@ -267,8 +273,8 @@ def _asha(sweep: SweepSpec, specs: dict[str, ExperimentSpec]):
 
 
 def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking, parent_id: str,
-             names: list[str], tune_name: str, callbacks: list | None, restore: bool = False,
-             retry_errored: bool = False) -> SweepOutcome:
+             names: list[str], tune_name: str, callbacks: list | None, teachers: dict[str, dict[str, Any]],
+             restore: bool = False, retry_errored: bool = False) -> SweepOutcome:
     """Run `names` of the planned `specs` (or restore `tune_name`) under the parent run; close the parent with what
     happened."""
     from ray import tune
@@ -278,7 +284,7 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
         tags[JOB_TAG] = os.environ[JOB_ENV]
     tracking.set_tags(parent_id, tags)
     trial_fn = tune.with_parameters(_sweep_trial, sweep_name=sweep.name, specs=specs, tracking=tracking,
-                                    parent_id=parent_id)
+                                    parent_id=parent_id, teachers=teachers)
     recorder = _stop_recorder(tracking, parent_id, {n: s.optim.epochs for n, s in specs.items()}, sweep.metric)
     try:
         results = _run_tuner(trial_fn, names, sweep.experiment.run, tune_name, concurrency(sweep),
@@ -299,6 +305,7 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
         _close_interrupted(tracking, parent_id)  # Tune returns normally after Ctrl-C / `sweep stop`
         raise SweepInterrupted(f"sweep '{sweep.name}' was stopped; continue it with `deitlab sweep resume {sweep.name}`")
     failed = [s.name for s in states if s.state == "failed"]
+    _log_summary(tracking, sweep.name, parent_id)
     tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
     return SweepOutcome(parent_id, names, failed, states)
 
@@ -316,13 +323,31 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None) -> SweepOutcome:
     tracking = Tracking.for_run(sweep.experiment.run)
     tracking.experiment_id()
     specs = planned_trials(sweep)
-    _check(sweep, specs, tracking)
+    teachers = _check(sweep, specs, tracking)
+    commit = git_commit()
     parent_id = tracking.start_run(sweep.name, tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep",
-                                                     SPEC_HASH_TAG: spec_hash(sweep)},
+                                                     SPEC_HASH_TAG: spec_hash(sweep),
+                                                     **({GIT_COMMIT_TAG: commit} if commit else {}),
+                                                     **sweep.experiment.run.tags},
                                    params={"sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
                                            "sweep.early_stopping": sweep.early_stopping})
     tracking.log_json(parent_id, PLAN_ARTIFACT, sweep.model_dump(mode="json", by_alias=True))
-    return _execute(sweep, specs, tracking, parent_id, list(specs), f"{sweep.name}-{parent_id[:8]}", callbacks)
+    return _execute(sweep, specs, tracking, parent_id, list(specs), f"{sweep.name}-{parent_id[:8]}", callbacks,
+                    teachers)
+
+
+def _log_summary(tracking: Tracking, sweep: str, parent_id: str) -> None:
+    """The sweep's report (table 3 shape, teacher comparison, plots; HTML, Markdown, JSON) as artifacts of its parent
+    run, so the MLflow UI shows the summary. A failure here is a warning: the runs themselves are recorded."""
+    from .report import build_report, write_report
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_report(build_report(tracking, sweep), Path(tmp)):
+                relative = path.relative_to(tmp)
+                tracking.log_artifact(parent_id, path, str(Path("summary", *relative.parts[:-1])))
+    except Exception as err:
+        log.warning("sweep '%s': the summary report was not logged (%s)", sweep, " ".join(str(err).split())[:200])
 
 
 def recorded_sweep(tracking: Tracking, name: str):
@@ -405,14 +430,14 @@ def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> Swe
 
 def continue_sweep(start: SweepStart, callbacks: list | None = None) -> SweepOutcome:
     """Run a resume or extend plan under the sweep's parent run."""
-    _check(start.sweep, {n: start.specs[n] for n in start.todo}, start.tracking)
+    teachers = _check(start.sweep, {n: start.specs[n] for n in start.todo}, start.tracking)
     parent_id = start.parent.info.run_id
     start.tracking.reopen_run(parent_id)
     if start.extension:
         start.tracking.log_json(parent_id, PLAN_ARTIFACT, start.sweep.model_dump(mode="json", by_alias=True))
         start.tracking.set_tags(parent_id, {EXTENSIONS_TAG: start.extension, SPEC_HASH_TAG: spec_hash(start.sweep)})
     return _execute(start.sweep, start.specs, start.tracking, parent_id, start.todo, start.tune_name, callbacks,
-                    start.restore, start.retry_errored)
+                    teachers, start.restore, start.retry_errored)
 
 
 def driver_state(parent) -> str:

@@ -1,19 +1,26 @@
-"""MLflow adapter: experiments, parent/child runs, batched metrics, teacher registry, artifact download.
+"""MLflow adapter: experiments, parent/child runs, buffered metrics, teacher registry, artifacts.
 
-Only the driver and rank 0 talk to MLflow. Metric logging is batched (one `log_batch` per epoch) and never fails a
-training run: a tracking error is reported once as a warning and training goes on.
+Only the driver and rank 0 talk to MLflow. Rank 0 logs metrics through `MetricLogger`: a background thread sends
+batches, and while the tracking server is unreachable the values wait in memory and then in a spill file, so training
+never waits for MLflow and no value is dropped. Every param, tag and JSON artifact passes through `redact` first.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import subprocess
+import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
+from .redact import scrub_item, scrub_tree
 
 log = logging.getLogger("deitlab.tracking")
 
@@ -27,10 +34,14 @@ RESUMED_FROM_TAG = "deitlab.resumed_from"
 RESUMES_TAG = "deitlab.resumes"
 DIVERGED_TAG = "deitlab.diverged"  # why a run stopped early: its loss became NaN/Inf
 STOPPED_TAG = "deitlab.stopped_early"  # why a sweep's scheduler (ASHA) stopped a trial
+TEACHER_FAMILY_TAG = "deitlab.teacher_family"  # convnet | transformer: what the UI groups teachers by
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
+GIT_ENV = "DEITLAB_GIT_COMMIT"  # set by `sweep submit`: a job's working_dir has no .git
 # Run fields that may differ when a run is resumed: how it is executed. (More workers also means a larger global
 # batch; with optim.lr_base_batch the learning rate follows it.)
 RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
-                               "run.max_failures", "run.placement", "run.checkpoint_every", "run.keep_checkpoints"})
+                               "run.max_failures", "run.placement", "run.checkpoint_every", "run.keep_checkpoints",
+                               "run.log_every_steps"})
 
 
 def _client(tracking_uri: str):
@@ -39,9 +50,24 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _stringify(value: Any) -> str:
-    text = "None" if value is None else str(value)
-    return text[:MAX_PARAM_LENGTH]
+def _recorded(name: str, value: Any) -> str:
+    """What MLflow records for the param or tag `name`: secrets redacted, cut to MLflow's length limit."""
+    return scrub_item(name, value)[:MAX_PARAM_LENGTH]
+
+
+def git_commit() -> str | None:
+    """The commit of the deitlab checkout that runs (`+dirty` with uncommitted changes), or DEITLAB_GIT_COMMIT."""
+    if os.environ.get(GIT_ENV):
+        return os.environ[GIT_ENV]
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # an installed wheel, or no git
+    return commit + ("+dirty" if dirty else "") if commit else None
 
 
 @dataclass(frozen=True)
@@ -54,11 +80,17 @@ class Tracking:
 
     @classmethod
     def for_run(cls, run) -> Tracking:
-        """From a RunSpec: the given tracking URI, or a SQLite store + artifact dir inside the work directory."""
+        """From a RunSpec: the given tracking URI, or a SQLite store + artifact dir inside the work directory.
+
+        `run.artifacts` (a directory or s3://bucket/prefix) is where a new experiment keeps its artifacts; a tracking
+        server with its own artifact root needs none.
+        """
+        _s3_endpoint_for_mlflow()
         if run.tracking_uri:
-            return cls(run.tracking_uri, run.experiment)
+            return cls(run.tracking_uri, run.experiment, run.artifacts)
         run.workdir_path.mkdir(parents=True, exist_ok=True)
-        return cls(run.resolved_tracking_uri, run.experiment, (run.workdir_path / "mlartifacts").as_uri())
+        return cls(run.resolved_tracking_uri, run.experiment,
+                   run.artifacts or (run.workdir_path / "mlartifacts").as_uri())
 
     @property
     def client(self):
@@ -78,13 +110,21 @@ class Tracking:
             return None
         return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
 
+    def artifact_location(self) -> str | None:
+        try:
+            found = self.client.get_experiment_by_name(self.experiment)
+        except Exception:
+            return None
+        return found.artifact_location if found else None
+
     def start_run(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
                   parent_id: str | None = None) -> str:
         client = self.client
         all_tags = dict(tags or {})
         if parent_id:
             all_tags[PARENT_TAG] = parent_id
-        run = client.create_run(self.experiment_id(), run_name=name, tags=all_tags)
+        run = client.create_run(self.experiment_id(), run_name=name,
+                                tags={k: _recorded(k, v) for k, v in all_tags.items()})
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -92,28 +132,27 @@ class Tracking:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _stringify(v)) for k, v in sorted(params.items())]
+        items = [Param(k, _recorded(k, v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> bool:
-        """One batched call per step. Returns False (and warns) instead of raising when the store is unreachable."""
-        from mlflow.entities import Metric
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """One batched call (raises when the store is unreachable; rank 0 uses MetricLogger instead)."""
+        self.client.log_batch(run_id, metrics=metric_entities(metrics, step))
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)]
-        try:
-            self.client.log_batch(run_id, metrics=items)
-            return True
-        except Exception as err:
-            log.warning("MLflow logging failed at step %s (%s); training continues", step, _one_line(err))
-            return False
+    def fill_missing_epochs(self, run_id: str, history: list[dict[str, float]]) -> int:
+        """Log the epochs of `history` that the run's metrics lack (the workers could not deliver them: the tracking
+        server was down when they ended). Returns how many epochs were filled in."""
+        have = self.logged_epochs(run_id, strict=True)
+        missing = [m for m in history if int(m["epoch"]) not in have]
+        for metrics in missing:
+            self.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
+        return len(missing)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, _stringify(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, _recorded(k, v)) for k, v in tags.items()])
 
     def try_set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         """set_tags for workers and callbacks: a tracking error is a warning, never a failed run."""
@@ -122,11 +161,13 @@ class Tracking:
         except Exception as err:
             log.warning("MLflow tags not recorded (%s)", _one_line(err))
 
-    def logged_epochs(self, run_id: str) -> set[int]:
+    def logged_epochs(self, run_id: str, strict: bool = False) -> set[int]:
         """Epochs already in the run's metric history (rank 0 reads this on every start, so none is logged twice)."""
         try:
             return {int(m.step) for m in self.client.get_metric_history(run_id, EPOCH_METRIC)}
         except Exception as err:
+            if strict:
+                raise
             log.warning("could not read the run's logged epochs (%s); epochs may be logged again", _one_line(err))
             return set()
 
@@ -167,9 +208,9 @@ class Tracking:
         if run.info.status == "FINISHED":
             raise SpecError(f"--resume: run {run.info.run_id} has already finished")
         changed = sorted(k for k, v in params.items()
-                         if k not in RESUMABLE_CHANGES and run.data.params.get(k) != _stringify(v))
+                         if k not in RESUMABLE_CHANGES and run.data.params.get(k) != _recorded(k, v))
         if changed:
-            shown = ", ".join(f"{k} ({run.data.params.get(k)} -> {_stringify(params[k])})" for k in changed[:4])
+            shown = ", ".join(f"{k} ({run.data.params.get(k)} -> {_recorded(k, params[k])})" for k in changed[:4])
             raise SpecError(f"--resume: the spec differs from run {run.info.run_id} in {shown}; resume with the spec"
                             " the run started with")
         return run
@@ -193,8 +234,10 @@ class Tracking:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
     # ------------------------------------------------------------------------------------------- registry
-    def register_teacher(self, run_id: str, artifact_path: str, name: str, accuracy: float) -> str:
-        """Register the run's model file as a new version of `name`; returns the version's models:/ URI."""
+    def register_teacher(self, run_id: str, artifact_path: str, name: str, accuracy: float,
+                         tags: dict[str, Any] | None = None, alias: str | None = None) -> str:
+        """Register the run's model file as a new version of `name` with `tags` (architecture, family, size, data
+        fingerprint) and optionally move `alias` to it; returns the version's models:/ URI."""
         client = self.client
         from mlflow.exceptions import MlflowException
 
@@ -205,10 +248,28 @@ class Tracking:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
         source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        version = client.create_model_version(name, source, run_id=run_id,
-                                              tags={TEACHER_ACC_TAG: f"{accuracy:.6f}"},
+        version_tags = {k: _recorded(k, v) for k, v in (tags or {}).items()}
+        version_tags[TEACHER_ACC_TAG] = f"{accuracy:.6f}"
+        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags,
                                               description=f"validation accuracy {accuracy:.4f}")
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
         return f"models:/{name}/{version.version}"
+
+    def version_tags(self, uri: str) -> dict[str, str]:
+        """The tags of the registered version behind a models:/ URI ({} for anything else or when unreachable)."""
+        if not uri.startswith("models:/"):
+            return {}
+        ref = uri.removeprefix("models:/").strip("/")
+        try:
+            client = self.client
+            if "@" in ref:
+                return dict(client.get_model_version_by_alias(*ref.split("@", 1)).tags)
+            name, _, version = ref.rpartition("/")
+            found = self.latest_version(name) if version == "latest" else client.get_model_version(name, version)
+            return dict(found.tags)
+        except Exception:
+            return {}
 
     def download(self, uri: str, dst: str | Path) -> Path:
         """Download a models:/ or runs:/ URI (or any artifact URI) to dst; a bad URI is a SpecError."""
@@ -254,19 +315,13 @@ class Tracking:
 
     # ------------------------------------------------------------------------------------------- artifacts
     def log_json(self, run_id: str, name: str, payload: Any) -> None:
-        """Write `payload` as the run's artifact `name` (replacing an earlier one of that name)."""
-        import json
-        import tempfile
-
+        """Write `payload` (secrets redacted) as the run's artifact `name`, replacing an earlier one of that name."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            self.log_artifact(run_id, path)
+            path = Path(tmp) / Path(name).name
+            path.write_text(json.dumps(scrub_tree(payload), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            self.log_artifact(run_id, path, str(Path(name).parent) if "/" in name else None)
 
     def read_json(self, run_id: str, name: str) -> Any:
-        import json
-        import tempfile
-
         import mlflow.artifacts
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -311,6 +366,176 @@ class Tracking:
         """(parent run, [child runs]) of the newest sweep called `sweep` in this experiment."""
         parent = self.sweep_parent(sweep)
         return parent, self.child_runs(parent.info.run_id)
+
+
+# ------------------------------------------------------------------------------------------------- metric logging
+def metric_entities(metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> list:
+    """MLflow Metric entities for the finite numbers of `metrics` (NaN/Inf and non-numbers are not recorded)."""
+    from mlflow.entities import Metric
+
+    now = timestamp_ms or int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+class MetricLogger:
+    """Rank 0's metric logger: `log()` never blocks and never raises; a thread sends batches to MLflow.
+
+    While the tracking server is unreachable values wait in memory (at most `max_pending`), the oldest beyond that in
+    a spill file on local disk (JSON lines), and are all sent, oldest first, when it answers again. `close()` waits
+    for delivery up to a deadline; whatever is still undelivered then stays in the spill file (its path is logged),
+    and the driver fills in missing epochs from the checkpoint's history.
+    """
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, tracking: Tracking, run_id: str, spill_dir: str | Path | None = None,
+                 max_pending: int = 50_000, max_backoff_s: float = 10.0):
+        self.tracking, self.run_id = tracking, run_id
+        self.spill_path = Path(spill_dir or Path(tempfile.gettempdir()) / "deitlab-spill") / f"{run_id}.jsonl"
+        self.max_pending, self.max_backoff_s = max_pending, max_backoff_s
+        self._pending: deque = deque()  # (key, value, timestamp_ms, step)
+        self._spilled = self._count_spilled()  # a restarted rank 0 sends what its predecessor left behind
+        self._cond = threading.Condition()
+        self._closing = False
+        self._deadline = math.inf
+        self.sent = 0
+        self.down_since: float | None = None
+        self.send_seconds = 0.0  # time the thread spent in log_batch (the cost measured by `deitlab bench logging`)
+        self._client = tracking.client
+        self._thread = threading.Thread(target=self._loop, name="deitlab-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        with self._cond:
+            self._pending.extend(items)
+            if len(self._pending) > self.max_pending:
+                self._spill(len(self._pending) - self.max_pending // 2)
+            self._cond.notify()
+
+    @property
+    def undelivered(self) -> int:
+        with self._cond:
+            return len(self._pending) + self._spilled
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything logged so far is delivered (True) or `timeout` seconds pass (False)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending or self._spilled) and time.monotonic() < end:
+                self._cond.notify_all()
+                self._cond.wait(min(0.2, max(end - time.monotonic(), 0.01)))
+            return not (self._pending or self._spilled)
+
+    def close(self, timeout: float = 300.0) -> int:
+        """Deliver what is left, waiting at most `timeout` s; returns the number of values left in the spill file."""
+        with self._cond:
+            self._closing, self._deadline = True, time.monotonic() + timeout
+            self._cond.notify_all()
+        self._thread.join(timeout + 30)
+        left = self.undelivered
+        if left:
+            log.warning("MLflow unreachable: %d metric value(s) of run %s not delivered; kept in %s (the epochs are"
+                        " also in the checkpoint, and the driver fills them in)", left, self.run_id, self.spill_path)
+        return left
+
+    # ------------------------------------------------------------------ the sending thread
+    def _loop(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cond:
+                while not (self._pending or self._spilled or self._closing):
+                    self._cond.wait()
+                if not (self._pending or self._spilled):
+                    return  # closing, all delivered
+                if self._closing and time.monotonic() > self._deadline:
+                    self._spill(len(self._pending))  # keep the rest on disk
+                    return
+                from_spill = self._spilled > 0
+                batch = self._read_spill(self.BATCH) if from_spill else list(self._pending)[: self.BATCH]
+            start = time.perf_counter()
+            try:
+                self._client.log_batch(self.run_id, metrics=[_metric(*item) for item in batch])
+            except Exception as err:
+                if _rejected(err):  # the store refuses these values (e.g. a deleted run): retrying cannot help
+                    log.warning("MLflow refused %d metric value(s) of run %s: %s", len(batch), self.run_id,
+                                _one_line(err))
+                else:
+                    if self.down_since is None:
+                        self.down_since = time.monotonic()
+                        log.warning("MLflow unreachable (%s); training goes on, metrics are kept until it is back",
+                                    _one_line(err))
+                    with self._cond:
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                    continue
+            finally:
+                self.send_seconds += time.perf_counter() - start
+            with self._cond:
+                if from_spill:
+                    self._drop_spilled(len(batch))
+                else:
+                    for _ in range(len(batch)):
+                        self._pending.popleft()
+                self.sent += len(batch)
+                self._cond.notify_all()
+            if self.down_since is not None:
+                log.warning("MLflow reachable again after %.0f s; buffered metrics are being sent",
+                            time.monotonic() - self.down_since)
+                self.down_since = None
+            backoff = 0.5
+
+    # ------------------------------------------------------------------ the spill file (called with the lock held)
+    def _count_spilled(self) -> int:
+        try:
+            with self.spill_path.open("rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
+    def _spill(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spill_path.open("a", encoding="utf-8") as f:
+            for _ in range(n):
+                f.write(json.dumps(self._pending.popleft()) + "\n")
+        self._spilled += n
+
+    def _read_spill(self, n: int) -> list[tuple]:
+        with self.spill_path.open(encoding="utf-8") as f:
+            return [tuple(json.loads(line)) for _, line in zip(range(n), f)]
+
+    def _drop_spilled(self, n: int) -> None:
+        lines = self.spill_path.read_text(encoding="utf-8").splitlines(keepends=True)[n:]
+        if lines:
+            tmp = self.spill_path.with_suffix(".tmp")
+            tmp.write_text("".join(lines), encoding="utf-8")
+            os.replace(tmp, self.spill_path)
+        else:
+            self.spill_path.unlink(missing_ok=True)
+        self._spilled = len(lines)
+
+
+def _metric(key: str, value: float, timestamp: int, step: int):
+    from mlflow.entities import Metric
+
+    return Metric(key, value, timestamp, step)
+
+
+def _rejected(err: Exception) -> bool:
+    code = str(getattr(err, "error_code", ""))
+    return any(c in code for c in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"))
+
+
+def _s3_endpoint_for_mlflow() -> None:
+    """MLflow's S3 artifact client reads MLFLOW_S3_ENDPOINT_URL; boto3 and pyarrow read AWS_ENDPOINT_URL. One
+    variable (AWS_ENDPOINT_URL) serves checkpoints and artifacts alike."""
+    if os.environ.get("AWS_ENDPOINT_URL") and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
 
 
 def _sweep_filter(sweep: str) -> str:

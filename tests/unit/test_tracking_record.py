@@ -1,0 +1,97 @@
+"""What MLflow records: secrets never, every metric value once (even across an unreachable store), and the numbers
+that describe a teacher (family, size, data fingerprint) and a run (confusion matrix)."""
+import json
+
+import pytest
+import torch
+
+from conftest import free_port
+from deitlab.distill import confusion_counts
+from deitlab.redact import REDACTED, scrub, scrub_item, scrub_tree
+from deitlab.tracking import MetricLogger, Tracking
+
+AWS_KEY_ID = "AKIAZZZZEXAMPLE12345"
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYplantedKEY"
+
+
+def test_secret_values_shapes_and_names_are_redacted(monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_API_TOKEN", "tok-123456789")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a secret-looking name whose value is an ordinary word
+    text = (f"key {AWS_KEY_ID} uri http://alice:hunter22@mlflow:5000/x s3://b/p?X-Amz-Signature=abc123&v=1"
+            " token tok-123456789 mode token")
+    assert scrub(text) == ("key *** uri http://***@mlflow:5000/x s3://b/p?X-Amz-Signature=***&v=1"
+                           " token *** mode token")
+    assert scrub_item("run.tags.db_password", "plain") == REDACTED
+    assert scrub_item("distillation.token", True) == "True"  # our own field, not a secret
+    assert scrub_item("run.workdir", "/data/w") == "/data/w"
+    tree = scrub_tree({"run": {"tracking_uri": "https://u:p@h/", "tags": {"secret_key": "x"}}, "n": [AWS_KEY_ID, 3]})
+    assert tree == {"run": {"tracking_uri": "https://***@h/", "tags": {"secret_key": REDACTED}}, "n": [REDACTED, 3]}
+    pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----"
+    assert scrub(f"a {pem} b") == f"a {REDACTED} b"
+
+
+def test_params_tags_and_json_artifacts_never_hold_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "secrets", (tmp_path / "art").as_uri())
+    tracking.experiment_id()
+    run_id = tracking.start_run("r", params={"run.tracking_uri": "http://bob:pw123456@host", "note": AWS_SECRET},
+                                tags={"deitlab.note": f"id {AWS_KEY_ID}", "api_key": "abc"})
+    tracking.log_json(run_id, "spec.json", {"uri": "http://bob:pw123456@host", "nested": {"x": AWS_SECRET}})
+    run = tracking.client.get_run(run_id)
+    assert run.data.params == {"run.tracking_uri": "http://***@host", "note": REDACTED}
+    assert run.data.tags["deitlab.note"] == f"id {REDACTED}" and run.data.tags["api_key"] == REDACTED
+    assert tracking.read_json(run_id, "spec.json") == {"uri": "http://***@host", "nested": {"x": REDACTED}}
+
+
+def test_metric_logger_keeps_values_on_disk_while_mlflow_is_down_and_delivers_them_later(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    store = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "buffer", (tmp_path / "art").as_uri())
+    store.experiment_id()
+    run_id = store.start_run("r")
+    spill = tmp_path / "spill"
+    # Nothing listens on this port: every send fails, as with a tracking server that is down.
+    down = Tracking(f"http://127.0.0.1:{free_port()}", "buffer")
+    logger = MetricLogger(down, run_id, spill_dir=spill, max_pending=40, max_backoff_s=0.2)
+    for step in range(100):
+        logger.log({"loss": 1.0 / (step + 1), "lr": 0.1, "skipped_nan": float("nan")}, step=step)
+    assert logger.flush(timeout=1.0) is False
+    assert logger.close(timeout=1.0) == 200  # 100 steps × 2 finite values, none dropped
+    lines = (spill / f"{run_id}.jsonl").read_text().splitlines()
+    assert len(lines) == 200 and json.loads(lines[0])[:2] == ["loss", 1.0]
+
+    # A new logger for the run (a restarted rank 0) finds the spill file and delivers it to a store that answers.
+    again = MetricLogger(store, run_id, spill_dir=spill)
+    assert again.undelivered == 200
+    again.log({"loss": 0.001}, step=100)
+    assert again.flush(timeout=30) is True and again.close(timeout=5) == 0
+    history = store.client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(101))
+    assert {m.step: m.value for m in history}[3] == pytest.approx(0.25)
+    assert len(store.client.get_metric_history(run_id, "lr")) == 100
+    assert not (spill / f"{run_id}.jsonl").exists()
+
+
+def test_confusion_counts_rows_are_true_classes():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 2, 0, 2])
+    assert confusion_counts(labels, predicted, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_teacher_card_numbers():
+    import timm
+
+    from deitlab.data import data_fingerprint, load_data
+    from deitlab.models import model_family, model_size
+    from deitlab.spec import DataSpec
+
+    conv = timm.create_model("resnet18", num_classes=10)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+    assert (model_family(conv), model_family(vit)) == ("convnet", "transformer")
+    size = model_size(conv, 3, 224)
+    assert size["params_m"] == pytest.approx(11.1816, abs=1e-4)
+    # resnet18 at 224 px: 1.82 G multiply-adds (the usual figure), i.e. ~3.6 GFLOPs
+    assert size["gflops"] == pytest.approx(3.63, abs=0.02)
+    a, b = load_data(DataSpec(img_size=16)), load_data(DataSpec(img_size=16))
+    other_split = load_data(DataSpec(img_size=16, split_seed=1))
+    assert data_fingerprint(a) == data_fingerprint(b) != data_fingerprint(other_split)
