@@ -10,8 +10,12 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # The moto S3 server accepts any credentials; Ray's worker processes inherit these from the driver, so they must be
-# set before the session's Ray starts. Real credentials in the environment are left alone.
-for _key, _value in {"AWS_ACCESS_KEY_ID": "deitlab-test", "AWS_SECRET_ACCESS_KEY": "deitlab-test",
+# set before the session's Ray starts. Real credentials in the environment are left alone. The values have the shape
+# of real AWS keys: the secrets test checks that neither ever reaches MLflow (params, tags, artifacts).
+PLANTED_AWS_KEY_ID = "AKIADEITLABTESTKEY01"
+PLANTED_AWS_SECRET = "dEiTlAbTeSt/planted+SecretAccessKey0000x"
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")  # short test runs still get system metrics
+for _key, _value in {"AWS_ACCESS_KEY_ID": PLANTED_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": PLANTED_AWS_SECRET,
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                      "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
     os.environ.setdefault(_key, _value)

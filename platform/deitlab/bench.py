@@ -7,6 +7,7 @@ fixed start-up cost (Ray Train's controller and worker group) is reported separa
 """
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -97,3 +98,82 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# ------------------------------------------------------------------------------------------------- logging cost
+@dataclass(frozen=True)
+class LoggingResult:
+    device: str
+    tracking: str  # "sqlite (local file)" or the server's URI
+    every: int  # steps between logged step metrics
+    steps: int  # optimiser steps per run (all epochs)
+    repeats: int
+    plain_step_ms: float  # median steady-state step time without logging (epoch wall / steps)
+    logged_step_ms: float  # the same with the MetricLogger attached
+    log_call_us: float  # mean time of one MetricLogger.log() call on the training thread
+    delivered: int  # metric values the store holds afterwards (must equal logged)
+    logged: int
+
+    @property
+    def overhead(self) -> float:
+        """Relative slowdown of a step: what the training thread pays, the sending thread's CPU share included."""
+        return self.logged_step_ms / self.plain_step_ms - 1
+
+    @property
+    def call_share(self) -> float:
+        """log() time on the training thread per step, as a share of the step (the part logging always costs)."""
+        return self.log_call_us / 1000 / self.every / self.plain_step_ms
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "overhead": self.overhead, "call_share": self.call_share}
+
+
+def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every: int = 1,
+                    repeats: int = 3) -> LoggingResult:
+    """The bare loop with and without rank 0's MetricLogger (step metrics every `every` steps + epoch metrics) sending
+    to a real MLflow store; runs alternate so drifting load falls on both. Step time = steady epoch wall / steps."""
+    from .engine import experiment_engine, pick_device
+    from .tracking import MetricLogger, Tracking
+
+    spec = spec.with_overrides({"run.log_every_steps": every})
+    device = pick_device(spec.run)
+    with tempfile.TemporaryDirectory(prefix="deitlab-bench-") as tmp:
+        uri = tracking_uri or f"sqlite:///{tmp}/mlflow.db"
+        tracking = Tracking(uri, "deitlab-bench-logging", None if tracking_uri else f"file://{tmp}/artifacts")
+        tracking.experiment_id()
+        plain, logged, call_seconds, calls, values, delivered, steps = [], [], 0.0, 0, 0, 0, 0
+        for _ in range(repeats):
+            engine = experiment_engine(spec, _teacher_file(spec), device=device)
+            plain.append(list(engine.run(spec.optim.epochs)))
+
+            run_id = tracking.start_run(f"bench-{uuid.uuid4().hex[:8]}")
+            logger = MetricLogger(tracking, run_id, spill_dir=tmp)
+            engine = experiment_engine(spec, _teacher_file(spec), device=device)
+            counts = {"calls": 0, "seconds": 0.0, "values": 0}
+
+            def timed(metrics: dict, step: int) -> None:
+                start = time.perf_counter()
+                logger.log(metrics, step)
+                counts["seconds"] += time.perf_counter() - start
+                counts["calls"] += 1
+                counts["values"] += sum(1 for v in metrics.values() if isinstance(v, (int, float)) and math.isfinite(v))
+
+            engine.on_step = timed
+            history = []
+            for metrics in engine.run(spec.optim.epochs):
+                timed(metrics, int(metrics["epoch"]))
+                history.append(metrics)
+            logged.append(history)
+            logger.close(timeout=120)
+            tracking.end_run(run_id)
+            run = tracking.client.get_run(run_id)
+            delivered += sum(len(tracking.client.get_metric_history(run_id, key)) for key in run.data.metrics)
+            values += counts["values"]
+            call_seconds += counts["seconds"]
+            calls += counts["calls"]
+            steps = len(engine.train_loader) * spec.optim.epochs
+    per_epoch = steps / spec.optim.epochs
+    return LoggingResult(device=_device_name(device), tracking="sqlite (local file)" if tracking_uri is None else uri,
+                         every=every, steps=steps, repeats=repeats,
+                         plain_step_ms=1000 * _steady(plain) / per_epoch, logged_step_ms=1000 * _steady(logged) / per_epoch,
+                         log_call_us=1e6 * call_seconds / max(calls, 1), delivered=delivered, logged=values)

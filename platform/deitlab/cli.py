@@ -269,6 +269,8 @@ def _located(sweep: str, workdir: Optional[Path], tracking_uri: Optional[str], e
         name, run = loaded.name, loaded.experiment.run
     else:
         name, run = sweep, RunSpec(workdir=str(workdir)) if workdir else RunSpec()
+    if tracking_uri:
+        _checked_tracking_uri(tracking_uri)
     run = run.model_copy(update={k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment}.items()
                                  if v})
     if not run.tracking_uri and not (run.workdir_path / "mlflow.db").is_file():
@@ -279,6 +281,15 @@ def _located(sweep: str, workdir: Optional[Path], tracking_uri: Optional[str], e
         if found:
             tracking = Tracking.for_run(run.model_copy(update={"experiment": found}))
     return name, tracking
+
+
+def _checked_tracking_uri(uri: str) -> str:
+    from .spec import check_tracking_uri
+
+    try:
+        return check_tracking_uri(uri)
+    except ValueError as err:
+        raise SpecError(f"--tracking-uri: {err}") from None
 
 
 SweepArg = Annotated[str, typer.Argument(help="a sweep name, or its spec file")]
@@ -540,5 +551,47 @@ def bench_overhead(spec: Annotated[Optional[Path], typer.Argument(help="experime
     out.print(table)
     out.print(f"per-epoch overhead: {100 * result.epoch_overhead:+.1f}%  (median of {result.repeats} runs ×"
               f" {result.epochs - 1} epochs per path, first epochs excluded; Ray's start-up is in the total)")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+@bench_app.command("logging")
+@handled
+def bench_logging(spec: Annotated[Optional[Path], typer.Argument(help="experiment spec (default: the bundled"
+                                                                       " bench_overhead.yaml)")] = None,
+                  set_: SetOption = None,
+                  tracking_uri: Annotated[Optional[str], typer.Option(help="an MLflow server to log to (default: a"
+                                                                           " fresh SQLite store)")] = None,
+                  every: Annotated[int, typer.Option(min=1, help="log step metrics every N steps")] = 1,
+                  repeats: Annotated[int, typer.Option(min=1, help="runs with and without logging, alternated")] = 3,
+                  json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the figures here")]
+                  = None) -> None:
+    """What MLflow logging costs a training step: the bare loop with and without rank 0's metric logger."""
+    from rich.table import Table
+
+    from .bench import measure_logging
+    from .spec import load_experiment, parse_set
+
+    overrides = parse_set(set_)
+    if spec is None:
+        with resources.as_file(resources.files("deitlab") / "specs" / "bench_overhead.yaml") as bundled:
+            loaded = load_experiment(bundled, overrides)
+    else:
+        loaded = load_experiment(spec, overrides)
+    if tracking_uri:
+        from .tracking import Tracking
+
+        Tracking(_checked_tracking_uri(tracking_uri), "deitlab-bench-logging").experiment_id()  # unreachable: one line, before any work
+    with err.status(f"{repeats}× with and without logging, {loaded.optim.epochs} epochs per run…"):
+        result = measure_logging(loaded, tracking_uri, every, repeats)
+    table = Table(title=f"MLflow logging cost on {result.device}, store: {result.tracking}", title_justify="left")
+    for column in ("path", "step (ms)"):
+        table.add_column(column)
+    table.add_row("no logging", f"{result.plain_step_ms:.3f}")
+    table.add_row(f"step metrics every {result.every} step(s) + epoch metrics", f"{result.logged_step_ms:.3f}")
+    out.print(table)
+    out.print(f"per-step overhead: {100 * result.overhead:+.2f}% (steady epochs, median of {result.repeats} runs);"
+              f" log() on the training thread: {result.log_call_us:.1f} µs per call ="
+              f" {100 * result.call_share:.3f}% of a step; delivered {result.delivered} of {result.logged} values")
     if json_out:
         json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")

@@ -81,8 +81,8 @@ class Engine:
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, float]] = []  # every completed epoch's metrics, kept in checkpoints
         self.confusion: list[list[int]] | None = None  # the last evaluation's confusion matrix (eval head)
-        # Called every `log_every_steps` optimiser steps with (global step, {"train_loss_step", "lr_step"}): the one
-        # host sync of the step happens only then. Adapters point it at their metric logger.
+        # Called every `log_every_steps` optimiser steps with ({"train_loss_step", "lr_step"}, global step): the one
+        # host sync of the step happens only then. Adapters point it at their metric logger's log().
         self.on_step = None
         self.log_every_steps = getattr(run, "log_every_steps", 0)
 
@@ -150,9 +150,10 @@ class Engine:
             if self.scheduler is not None:
                 self.scheduler.step_update(self.epoch * len(self.train_loader) + steps)
             sums += torch.stack([parts.loss.detach(), parts.base, parts.kd])
-            if self.on_step is not None and self.log_every_steps and steps % self.log_every_steps == 0:
-                self.on_step(self.epoch * len(self.train_loader) + steps,
-                             {"train_loss_step": parts.loss.item(), "lr_step": self.optimizer.param_groups[0]["lr"]})
+            global_step = self.epoch * len(self.train_loader) + steps
+            if self.on_step is not None and self.log_every_steps and global_step % self.log_every_steps == 0:
+                self.on_step({"train_loss_step": parts.loss.item(), "lr_step": self.optimizer.param_groups[0]["lr"]},
+                             global_step)
         self.epoch += 1
         elapsed = time.perf_counter() - start
         if self._distributed:  # every rank has the same number of steps: the mean of rank means is the global mean

@@ -214,6 +214,16 @@ def _epoch_metric(name: str) -> str:
     return name
 
 
+def check_tracking_uri(uri: str) -> str:
+    """A tracking URI without credentials: they would travel in Ray's pickled trial state and in every record of the
+    run. MLflow reads them from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN."""
+    scheme, _, rest = uri.partition("://")
+    if rest and ("@" in rest.split("/", 1)[0] or any(k in rest.lower() for k in ("token=", "password=", "secret="))):
+        raise ValueError("credentials do not belong in the tracking URI; set MLFLOW_TRACKING_USERNAME and"
+                         " MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+    return uri
+
+
 class RunSpec(_Strict):
     workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -245,6 +255,11 @@ class RunSpec(_Strict):
     @classmethod
     def _workdir_absolute(cls, path: str) -> str:
         return _absolute(path)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials_in_tracking_uri(cls, uri: str | None) -> str | None:
+        return check_tracking_uri(uri) if uri else uri
 
     @field_validator("storage")
     @classmethod

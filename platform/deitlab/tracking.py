@@ -47,6 +47,12 @@ RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_p
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
+    # A server that proxies S3 artifacts still offers presigned S3 URLs for multipart transfers; clients that cannot
+    # reach the bucket themselves (the usual reason to proxy) then fail. Every transfer goes through the server.
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+    _s3_endpoint_for_mlflow()
+
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -77,3 +77,17 @@ def test_lr_is_scaled_linearly_with_the_global_batch():
     assert validate(ExperimentSpec, {**AUGMENTED, "optim": {"lr": 1e-3}}).optim.scaled_lr(32) == 1e-3
     engine = experiment_engine(spec, None, device=CPU)
     assert engine.global_batch == 16 and engine.optimizer.param_groups[0]["lr"] == 5e-4 * 16 / 512
+
+
+def test_step_hook_sees_every_nth_global_step_and_the_confusion_matrix_counts_the_validation_set():
+    spec = validate(ExperimentSpec, {**AUGMENTED, "run": {"log_every_steps": 4}})
+    engine = experiment_engine(spec, None, device=CPU)
+    seen = []
+    engine.on_step = lambda metrics, step: seen.append((step, sorted(metrics)))
+    list(engine.run(2))
+    steps_per_epoch = len(engine.train_loader)  # 80 training images at batch 16: 5 steps
+    assert [s for s, _ in seen] == list(range(4, 2 * steps_per_epoch + 1, 4))
+    assert all(keys == ["lr_step", "train_loss_step"] for _, keys in seen)
+    matrix = torch.tensor(engine.confusion)
+    assert matrix.sum().item() == engine.bundle.sizes[1]
+    assert matrix.diagonal().sum().item() / matrix.sum().item() == engine.history[-1]["acc_fused"]

@@ -95,3 +95,34 @@ def test_teacher_card_numbers():
     a, b = load_data(DataSpec(img_size=16)), load_data(DataSpec(img_size=16))
     other_split = load_data(DataSpec(img_size=16, split_seed=1))
     assert data_fingerprint(a) == data_fingerprint(b) != data_fingerprint(other_split)
+
+
+def test_credentials_in_a_tracking_uri_are_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from deitlab.cli import app
+    from deitlab.errors import SpecError
+    from deitlab.spec import RunSpec, validate
+
+    with pytest.raises(SpecError, match="MLFLOW_TRACKING_PASSWORD"):
+        validate(RunSpec, {"tracking_uri": "https://alice:pw@mlflow.internal"})
+    result = CliRunner().invoke(app, ["report", "some-sweep", "--tracking-uri", "http://bob:hunter22@127.0.0.1:5000"])
+    assert result.exit_code == 2 and "hunter22" not in result.output
+    assert result.output.startswith("error: --tracking-uri: credentials do not belong in the tracking URI")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_logging_delivers_every_value_and_reports_the_cost(tmp_path):
+    from typer.testing import CliRunner
+
+    from deitlab.cli import app
+
+    out = tmp_path / "logging.json"
+    result = CliRunner().invoke(app, ["bench", "logging", "--set", "optim.epochs=2", "--set", "data.batch_size=128",
+                                      "--repeats", "1", "--every", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    # 12 steps per epoch at batch 128 → step metrics at steps 2, 4, …, 24 (2 values each) + 2 epochs' metrics
+    assert figures["steps"] == 24 and figures["every"] == 2
+    assert figures["delivered"] == figures["logged"] > 24
+    assert figures["plain_step_ms"] > 0 and figures["logged_step_ms"] > 0 and figures["log_call_us"] > 0
