@@ -520,6 +520,17 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
               f"  deitlab report {sweep.name} --workdir {workdir} --format json")
 
 
+def _bench_spec(spec: Optional[Path], set_: list[str] | None):
+    """The benchmark's experiment: the given spec, or the bundled bench_overhead.yaml; --set applied."""
+    from .spec import load_experiment, parse_set
+
+    overrides = parse_set(set_)
+    if spec is not None:
+        return load_experiment(spec, overrides)
+    with resources.as_file(resources.files("deitlab") / "specs" / "bench_overhead.yaml") as bundled:
+        return load_experiment(bundled, overrides)
+
+
 @bench_app.command("overhead")
 @handled
 def bench_overhead(spec: Annotated[Optional[Path], typer.Argument(help="experiment spec (default: the bundled"
@@ -532,14 +543,8 @@ def bench_overhead(spec: Annotated[Optional[Path], typer.Argument(help="experime
     from rich.table import Table
 
     from .bench import measure_overhead
-    from .spec import load_experiment, parse_set
 
-    overrides = parse_set(set_)
-    if spec is None:
-        with resources.as_file(resources.files("deitlab") / "specs" / "bench_overhead.yaml") as bundled:
-            loaded = load_experiment(bundled, overrides)
-    else:
-        loaded = load_experiment(spec, overrides)
+    loaded = _bench_spec(spec, set_)
     _ray(ray_address, loaded.run)
     with err.status(f"bare loop and Ray Train, {repeats}× each, {loaded.optim.epochs} epochs per run…"):
         result = measure_overhead(loaded, repeats)
@@ -570,14 +575,8 @@ def bench_logging(spec: Annotated[Optional[Path], typer.Argument(help="experimen
     from rich.table import Table
 
     from .bench import measure_logging
-    from .spec import load_experiment, parse_set
 
-    overrides = parse_set(set_)
-    if spec is None:
-        with resources.as_file(resources.files("deitlab") / "specs" / "bench_overhead.yaml") as bundled:
-            loaded = load_experiment(bundled, overrides)
-    else:
-        loaded = load_experiment(spec, overrides)
+    loaded = _bench_spec(spec, set_)
     if tracking_uri:
         from .tracking import Tracking
 

@@ -424,30 +424,19 @@ def _record_results(job: TrainJob, result) -> None:
     """
     import json
 
-    from .run_artifacts import (CONFUSION_FILE, HISTORY_FILE, confusion_json, confusion_png, curves_png)
+    from .run_artifacts import CONFUSION_FILE, HISTORY_FILE, confusion_json, confusion_png, curves_png
 
     tracking, run_id, spec = job.tracking, job.run_id, job.spec
     last = result.checkpoint
     if last is None:
         return
     storage = Storage.open(spec.run.resolved_storage, create=False)
-
-    def read(checkpoint_path: str, name: str):
-        try:
-            with storage.filesystem.open_input_stream(f"{checkpoint_path}/{name}") as f:
-                return json.loads(f.read())
-        except (OSError, ValueError):
-            return None
-
-    history = read(last.path, HISTORY_FILE) or []
-    filled = tracking.fill_missing_epochs(run_id, history)
-    if filled:
-        log.warning("%s: %d epoch(s) the workers could not deliver to MLflow were filled in from the checkpoint",
-                    job.name, filled)
+    history = _read_json(storage, last.path, HISTORY_FILE) or []
+    fill_from_history(tracking, run_id, history, job.name)
     title = f"{spec.name if job.is_teacher else job.name}"
     with tempfile.TemporaryDirectory() as tmp:
         files = [curves_png(history, Path(tmp) / "curves.png", title)]
-        confusion = read(last.path, CONFUSION_FILE)
+        confusion = _read_json(storage, last.path, CONFUSION_FILE)
         if confusion:
             head = "cls" if job.is_teacher else spec.distillation.eval_head
             (Path(tmp) / "confusion_matrix.json").write_text(json.dumps(confusion_json(confusion, head), indent=1))
@@ -458,6 +447,39 @@ def _record_results(job: TrainJob, result) -> None:
                 tracking.log_artifact(run_id, path, "evaluation")
         if not job.is_teacher:
             _log_best_model(job, result, storage, Path(tmp))
+
+
+def _read_json(storage: Storage, checkpoint_path: str, name: str):
+    """A small JSON file beside a checkpoint's state (history.json, confusion.json), or None."""
+    import json
+
+    try:
+        with storage.filesystem.open_input_stream(f"{checkpoint_path}/{name}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def fill_from_history(tracking: Tracking, run_id: str, history: list[dict[str, float]], name: str) -> None:
+    filled = tracking.fill_missing_epochs(run_id, history)
+    if filled:
+        log.warning("%s: %d epoch(s) the workers could not deliver to MLflow were filled in from the checkpoint",
+                    name, filled)
+
+
+def fill_from_checkpoint(tracking: Tracking, run_id: str, run: RunSpec, run_name: str) -> None:
+    """Fill the MLflow run's missing epochs from its newest checkpoint (a trial that was stopped from outside, whose
+    rank 0 had no time to deliver its last values)."""
+    from .run_artifacts import HISTORY_FILE
+
+    try:
+        storage = Storage.open(run.resolved_storage, create=False)
+        newest = storage.checkpoints(ray_run_name(run_name, run_id))
+        history = _read_json(storage, newest[0], HISTORY_FILE) if newest else None
+        if history:
+            fill_from_history(tracking, run_id, history, run_name)
+    except Exception as err:  # best effort: the run's own record stands
+        log.warning("%s: could not compare MLflow with the checkpoint (%s)", run_name, " ".join(str(err).split())[:200])
 
 
 def _log_best_model(job: TrainJob, result, storage: Storage, tmp: Path) -> None:

@@ -42,6 +42,8 @@ def curves_png(history: list[dict[str, float]], path: str | Path, title: str) ->
     if not history:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [m["epoch"] for m in history]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (label, keys) in zip(axes.flat, CURVE_PANELS):
@@ -51,6 +53,7 @@ def curves_png(history: list[dict[str, float]], path: str | Path, title: str) ->
                 ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", ms=3, label=key)
         ax.set_title(label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(keys) > 1 and ax.lines:
             ax.legend(fontsize=8)

@@ -464,6 +464,17 @@ class SweepSpec(_Strict):
     early_stopping: EarlyStopping | None = None
     max_concurrent_trials: int | None = Field(None, gt=0, alias="max_concurrent")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _experiment_per_family(cls, raw: Any) -> Any:
+        # Each sweep family (a sweep, its resumes and extensions) gets an MLflow experiment named after it, unless
+        # the base experiment names one: the UI then compares one family's runs side by side.
+        if isinstance(raw, dict) and isinstance(raw.get("experiment"), dict) and isinstance(raw.get("name"), str):
+            run = raw["experiment"].get("run") or {}
+            if isinstance(run, dict) and "experiment" not in run:
+                raw = {**raw, "experiment": {**raw["experiment"], "run": {**run, "experiment": raw["name"]}}}
+        return raw
+
     @field_validator("grid")
     @classmethod
     def _grid_lists(cls, grid):

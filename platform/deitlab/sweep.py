@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .ray_train import check_fits, preflight_teachers, run_tags, tracked_fit, train_teacher
+from .ray_train import check_fits, fill_from_checkpoint, preflight_teachers, run_tags, tracked_fit, train_teacher
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
 from .tracking import GIT_COMMIT_TAG, KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking, git_commit
 
@@ -173,7 +173,7 @@ def concurrency(sweep: SweepSpec) -> int:
     return min(fits, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fits
 
 
-def _stop_recorder(tracking: Tracking, parent_id: str, epochs: dict[str, int], metric: str):
+def _stop_recorder(tracking: Tracking, parent_id: str, specs: dict[str, ExperimentSpec], metric: str):
     """A driver-side Tune callback: a trial that ended before its last epoch was stopped by ASHA; say so in MLflow.
 
     Tune ends a stopped trial's process (and with it its Train run), so the trial cannot record this itself.
@@ -185,14 +185,16 @@ def _stop_recorder(tracking: Tracking, parent_id: str, epochs: dict[str, int], m
             name = trial.config.get("trial")
             result = trial.last_result or {}
             epoch = int(result.get("epoch", 0))
-            if name not in epochs or epoch >= epochs[name]:
+            if name not in specs or epoch >= specs[name].optim.epochs:
                 return
             for run in _runs_by_trial(tracking, parent_id).get(name, []):
                 if run.info.status == "RUNNING":
                     value = result.get(metric)
                     shown = f"{value:.4f}" if isinstance(value, float) else "?"
+                    # Its workers were ended with the trial: what rank 0 had not yet sent is in the checkpoint.
+                    fill_from_checkpoint(tracking, run.info.run_id, specs[name].run, name)
                     tracking.try_set_tags(run.info.run_id, {
-                        STOPPED_TAG: f"ASHA at epoch {epoch} of {epochs[name]} ({metric} {shown})"})
+                        STOPPED_TAG: f"ASHA at epoch {epoch} of {specs[name].optim.epochs} ({metric} {shown})"})
                     tracking.end_run(run.info.run_id, "KILLED")
 
     return StopRecorder()
@@ -285,7 +287,7 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
     tracking.set_tags(parent_id, tags)
     trial_fn = tune.with_parameters(_sweep_trial, sweep_name=sweep.name, specs=specs, tracking=tracking,
                                     parent_id=parent_id, teachers=teachers)
-    recorder = _stop_recorder(tracking, parent_id, {n: s.optim.epochs for n, s in specs.items()}, sweep.metric)
+    recorder = _stop_recorder(tracking, parent_id, specs, sweep.metric)
     try:
         results = _run_tuner(trial_fn, names, sweep.experiment.run, tune_name, concurrency(sweep),
                              [recorder, *(callbacks or [])], _asha(sweep, specs), restore, retry_errored)

@@ -31,7 +31,7 @@ grid:
     assert outcome.trials == ["lr0.002-s0", "lr1e+30-s0"] and outcome.failed == ["lr1e+30-s0"]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     children = {r.info.run_name: r for r in client.search_runs(
-        [client.get_experiment_by_name("deitlab").experiment_id],
+        [client.get_run(outcome.parent_run_id).info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")}
     diverged, healthy = children["lr1e+30-s0"], children["lr0.002-s0"]
     assert diverged.info.status == "FAILED"

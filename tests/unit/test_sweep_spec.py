@@ -122,3 +122,12 @@ def test_init_student_resamples_position_embedding_and_keeps_new_heads_fresh():
     init_student(large, const)
     assert torch.allclose(large.pos_embed[:, 1:], torch.full_like(large.pos_embed[:, 1:], 0.25), atol=1e-5)
     assert "head.weight" in kept and "head_dist.weight" in kept and torch.equal(large.head.weight, fresh_head)
+
+
+def test_each_sweep_family_gets_its_own_mlflow_experiment_unless_one_is_named(tmp_path):
+    plain = load_sweep(write_yaml(tmp_path / "a.yaml", "name: fam-a\nexperiment: {distillation: {mode: none}}\n"))
+    named = load_sweep(write_yaml(tmp_path / "b.yaml", "name: fam-b\nexperiment: {distillation: {mode: none},"
+                                                       " run: {experiment: shared}}\n"))
+    assert plain.experiment.run.experiment == "fam-a"
+    assert named.experiment.run.experiment == "shared"
+    assert {s.run.experiment for s in planned_trials(plain).values()} == {"fam-a"}

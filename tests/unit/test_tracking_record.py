@@ -126,3 +126,43 @@ def test_bench_logging_delivers_every_value_and_reports_the_cost(tmp_path):
     assert figures["steps"] == 24 and figures["every"] == 2
     assert figures["delivered"] == figures["logged"] > 24
     assert figures["plain_step_ms"] > 0 and figures["logged_step_ms"] > 0 and figures["log_call_us"] > 0
+
+
+def test_local_store_with_artifacts_in_s3(s3_endpoint, tmp_path, monkeypatch):
+    """run.artifacts: s3://… with the endpoint from AWS_ENDPOINT_URL: MLflow's client writes straight to the bucket."""
+    from conftest import s3_client
+    from deitlab.spec import RunSpec
+
+    s3_client(s3_endpoint).create_bucket(Bucket="deitlab-artifacts")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_endpoint}")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "")  # set from AWS_ENDPOINT_URL; restored after the test
+    run = RunSpec(workdir=str(tmp_path), experiment="s3-artifacts", artifacts="s3://deitlab-artifacts/mlflow")
+    tracking = Tracking.for_run(run)
+    tracking.experiment_id()
+    run_id = tracking.start_run("r")
+    tracking.log_json(run_id, "evaluation/numbers.json", {"acc": 0.5})
+    assert tracking.read_json(run_id, "evaluation/numbers.json") == {"acc": 0.5}
+    keys = [o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket="deitlab-artifacts")["Contents"]]
+    assert keys == [f"mlflow/{run_id}/artifacts/evaluation/numbers.json"]
+    assert tracking.artifact_location() == "s3://deitlab-artifacts/mlflow"
+
+
+def test_artifact_locations_are_checked():
+    from deitlab.errors import SpecError
+    from deitlab.spec import RunSpec, validate
+
+    assert validate(RunSpec, {"artifacts": "/data/art"}).artifacts == "file:///data/art"
+    for bad in ("s3://key:secret@bucket/x", "s3://bucket/x?endpoint_override=h", "ftp://host/x"):
+        with pytest.raises(SpecError, match="run.artifacts|artifacts"):
+            validate(RunSpec, {"artifacts": bad})
+
+
+def test_run_figures_and_confusion_record(tmp_path):
+    from deitlab.run_artifacts import confusion_json, confusion_png, curves_png
+
+    history = [{"epoch": e, "train_loss": 2.0 / e, "acc_fused": 0.3 * e, "lr": 1e-3} for e in (1, 2, 3)]
+    assert curves_png([], tmp_path / "none.png", "x") is None
+    for path in (curves_png(history, tmp_path / "c.png", "run"), confusion_png([[3, 1], [0, 4]], tmp_path / "m.png", "m")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = confusion_json([[3, 1], [0, 0]], "fused")
+    assert record["per_class_accuracy"] == [0.75, None] and record["head"] == "fused"
