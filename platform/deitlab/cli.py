@@ -580,7 +580,8 @@ def bench_logging(spec: Annotated[Optional[Path], typer.Argument(help="experimen
     if tracking_uri:
         from .tracking import Tracking
 
-        Tracking(_checked_tracking_uri(tracking_uri), "deitlab-bench-logging").experiment_id()  # unreachable: one line, before any work
+        # an unreachable server is one line, before any work
+        Tracking(_checked_tracking_uri(tracking_uri), "deitlab-bench-logging").experiment_id()
     with err.status(f"{repeats}× with and without logging, {loaded.optim.epochs} epochs per run…"):
         result = measure_logging(loaded, tracking_uri, every, repeats)
     table = Table(title=f"MLflow logging cost on {result.device}, store: {result.tracking}", title_justify="left")

@@ -467,13 +467,13 @@ def fill_from_history(tracking: Tracking, run_id: str, history: list[dict[str, f
                     name, filled)
 
 
-def fill_from_checkpoint(tracking: Tracking, run_id: str, run: RunSpec, run_name: str) -> None:
+def fill_from_checkpoint(tracking: Tracking, run_id: str, storage_uri: str, run_name: str) -> None:
     """Fill the MLflow run's missing epochs from its newest checkpoint (a trial that was stopped from outside, whose
     rank 0 had no time to deliver its last values)."""
     from .run_artifacts import HISTORY_FILE
 
     try:
-        storage = Storage.open(run.resolved_storage, create=False)
+        storage = Storage.open(storage_uri, create=False)
         newest = storage.checkpoints(ray_run_name(run_name, run_id))
         history = _read_json(storage, newest[0], HISTORY_FILE) if newest else None
         if history:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from .distill import ACCURACY_KEYS
 from .errors import SpecError
 from .redact import scrub

@@ -180,21 +180,26 @@ def _stop_recorder(tracking: Tracking, parent_id: str, specs: dict[str, Experime
     """
     from ray.tune import Callback
 
+    # Only plain values: Tune pickles its callbacks into its saved state (tuner.pkl, in run storage), and the specs
+    # hold the user's run.tags, which are redacted in MLflow but would be verbatim there.
+    epochs = {name: spec.optim.epochs for name, spec in specs.items()}
+    storages = {name: spec.run.resolved_storage for name, spec in specs.items()}
+
     class StopRecorder(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             name = trial.config.get("trial")
             result = trial.last_result or {}
             epoch = int(result.get("epoch", 0))
-            if name not in specs or epoch >= specs[name].optim.epochs:
+            if name not in epochs or epoch >= epochs[name]:
                 return
             for run in _runs_by_trial(tracking, parent_id).get(name, []):
                 if run.info.status == "RUNNING":
                     value = result.get(metric)
                     shown = f"{value:.4f}" if isinstance(value, float) else "?"
                     # Its workers were ended with the trial: what rank 0 had not yet sent is in the checkpoint.
-                    fill_from_checkpoint(tracking, run.info.run_id, specs[name].run, name)
+                    fill_from_checkpoint(tracking, run.info.run_id, storages[name], name)
                     tracking.try_set_tags(run.info.run_id, {
-                        STOPPED_TAG: f"ASHA at epoch {epoch} of {specs[name].optim.epochs} ({metric} {shown})"})
+                        STOPPED_TAG: f"ASHA at epoch {epoch} of {epochs[name]} ({metric} {shown})"})
                     tracking.end_run(run.info.run_id, "KILLED")
 
     return StopRecorder()
