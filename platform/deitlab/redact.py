@@ -36,8 +36,13 @@ def secret_name(name: str) -> bool:
 
 
 def _environment_secrets() -> list[str]:
-    values = {value for key, value in os.environ.items()
-              if key not in _NOT_SECRET_ENV and secret_name(key) and len(value) >= _MIN_SECRET_LENGTH}
+    # list(os.environ) is one atomic copy of the names; .get() tolerates a variable that another thread (MLflow's
+    # telemetry, Ray) removes meanwhile — iterating os.environ.items() raised KeyError here once.
+    values = set()
+    for key in list(os.environ):
+        value = os.environ.get(key)
+        if value and key not in _NOT_SECRET_ENV and secret_name(key) and len(value) >= _MIN_SECRET_LENGTH:
+            values.add(value)
     return sorted(values, key=len, reverse=True)  # longest first: a secret containing another is redacted whole
 
 
