@@ -396,8 +396,13 @@ class MetricLogger:
     BATCH = 1000  # MLflow's limit of metrics per log_batch
 
     def __init__(self, tracking: Tracking, run_id: str, spill_dir: str | Path | None = None,
-                 max_pending: int = 50_000, max_backoff_s: float = 10.0):
+                 max_pending: int = 50_000, max_backoff_s: float = 10.0, interval_s: float = 2.0):
         self.tracking, self.run_id = tracking, run_id
+        # At most one send per interval (unless a full batch waits): each MLflow call is Python-heavy and holds the
+        # GIL; one per step took 14-19 % of a 60 ms CPU step here, one per 2 s is lost in the noise.
+        self.interval_s = interval_s
+        self._last_send = 0.0
+        self._urgent = 0  # flush() callers waiting: send now
         self.spill_path = Path(spill_dir or Path(tempfile.gettempdir()) / "deitlab-spill") / f"{run_id}.jsonl"
         self.max_pending, self.max_backoff_s = max_pending, max_backoff_s
         self._pending: deque = deque()  # (key, value, timestamp_ms, step)
@@ -420,7 +425,10 @@ class MetricLogger:
             self._pending.extend(items)
             if len(self._pending) > self.max_pending:
                 self._spill(len(self._pending) - self.max_pending // 2)
-            self._cond.notify()
+            # No notify() per call: waking the sender hands it the GIL, and the training thread waited for it back
+            # (measured: +8-10 % on a 60 ms CPU step). The sender wakes by itself every interval_s.
+            if len(self._pending) >= self.BATCH:
+                self._cond.notify()
 
     @property
     def undelivered(self) -> int:
@@ -431,10 +439,14 @@ class MetricLogger:
         """Wait until everything logged so far is delivered (True) or `timeout` seconds pass (False)."""
         end = time.monotonic() + timeout
         with self._cond:
-            while (self._pending or self._spilled) and time.monotonic() < end:
-                self._cond.notify_all()
-                self._cond.wait(min(0.2, max(end - time.monotonic(), 0.01)))
-            return not (self._pending or self._spilled)
+            self._urgent += 1
+            try:
+                while (self._pending or self._spilled) and time.monotonic() < end:
+                    self._cond.notify_all()
+                    self._cond.wait(min(0.2, max(end - time.monotonic(), 0.01)))
+                return not (self._pending or self._spilled)
+            finally:
+                self._urgent -= 1
 
     def close(self, timeout: float = 300.0) -> int:
         """Deliver what is left, waiting at most `timeout` s; returns the number of values left in the spill file."""
@@ -453,8 +465,11 @@ class MetricLogger:
         backoff = 0.5
         while True:
             with self._cond:
-                while not (self._pending or self._spilled or self._closing):
-                    self._cond.wait()
+                while not (self._closing or self._urgent or self._spilled or len(self._pending) >= self.BATCH):
+                    remaining = self._last_send + self.interval_s - time.monotonic()
+                    if self._pending and remaining <= 0:
+                        break
+                    self._cond.wait(remaining if remaining > 0 else self.interval_s)
                 if not (self._pending or self._spilled):
                     return  # closing, all delivered
                 if self._closing and time.monotonic() > self._deadline:
@@ -463,6 +478,7 @@ class MetricLogger:
                 from_spill = self._spilled > 0
                 batch = self._read_spill(self.BATCH) if from_spill else list(self._pending)[: self.BATCH]
             start = time.perf_counter()
+            self._last_send = time.monotonic()
             try:
                 self._client.log_batch(self.run_id, metrics=[_metric(*item) for item in batch])
             except Exception as err:
