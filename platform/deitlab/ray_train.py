@@ -422,9 +422,7 @@ def _record_results(job: TrainJob, result) -> None:
     Read from the checkpoints in storage (history.json, confusion.json, the best state.pt), not from the workers:
     this runs in the driver, which retries an unreachable tracking server for minutes.
     """
-    import json
-
-    from .run_artifacts import CONFUSION_FILE, HISTORY_FILE, confusion_json, confusion_png, curves_png
+    from .run_artifacts import HISTORY_FILE
 
     tracking, run_id, spec = job.tracking, job.run_id, job.spec
     last = result.checkpoint
@@ -433,6 +431,19 @@ def _record_results(job: TrainJob, result) -> None:
     storage = Storage.open(spec.run.resolved_storage, create=False)
     history = _read_json(storage, last.path, HISTORY_FILE) or []
     fill_from_history(tracking, run_id, history, job.name)
+    try:
+        _log_run_files(job, result, storage, history)
+    except Exception as err:  # the run trained and its metrics are in MLflow: a missing figure does not fail it
+        log.warning("%s: evaluation artifacts not recorded (%s)", job.name, " ".join(str(err).split())[:200])
+
+
+def _log_run_files(job: TrainJob, result, storage: Storage, history: list[dict[str, float]]) -> None:
+    """Curves, confusion matrix and (students) the best model as artifacts of the run."""
+    import json
+
+    from .run_artifacts import CONFUSION_FILE, confusion_json, confusion_png, curves_png
+
+    tracking, run_id, spec, last = job.tracking, job.run_id, job.spec, result.checkpoint
     title = f"{spec.name if job.is_teacher else job.name}"
     with tempfile.TemporaryDirectory() as tmp:
         files = [curves_png(history, Path(tmp) / "curves.png", title)]
