@@ -7,7 +7,6 @@ fixed start-up cost (Ray Train's controller and worker group) is reported separa
 """
 from __future__ import annotations
 
-import math
 import statistics
 import tempfile
 import time
@@ -133,7 +132,7 @@ def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every
     """The bare loop with and without rank 0's MetricLogger (step metrics every `every` steps + epoch metrics) sending
     to a real MLflow store; runs alternate so drifting load falls on both. Step time = steady epoch wall / steps."""
     from .engine import experiment_engine, pick_device
-    from .tracking import MetricLogger, Tracking
+    from .tracking import MetricLogger, Tracking, finite_metrics
 
     spec = spec.with_overrides({"run.log_every_steps": every})
     device = pick_device(spec.run)
@@ -156,7 +155,7 @@ def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every
                 logger.log(metrics, step)
                 counts["seconds"] += time.perf_counter() - start
                 counts["calls"] += 1
-                counts["values"] += sum(1 for v in metrics.values() if isinstance(v, (int, float)) and math.isfinite(v))
+                counts["values"] += len(finite_metrics(metrics))
 
             engine.on_step = timed
             history = []

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import torch
 
-from .errors import SpecError
+from .errors import SpecError, one_line
 
 log = logging.getLogger("deitlab.checkpoints")
 
@@ -85,7 +85,7 @@ def read_checkpoint(directory: str | Path, map_location: Any = "cpu") -> dict[st
     try:
         return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as err:  # a file that matches its manifest but still does not unpickle
-        raise BadCheckpoint(f"{STATE_FILE} does not load: {' '.join(str(err).split())[:200]}") from None
+        raise BadCheckpoint(f"{STATE_FILE} does not load: {one_line(err, 200)}") from None
 
 
 # ------------------------------------------------------------------------------------------------------ storage
@@ -129,7 +129,7 @@ class Storage:
         except SpecError:
             raise
         except Exception as err:  # unreachable endpoint, no such bucket, denied, bad URI
-            raise SpecError(f"run.storage '{uri}': {' '.join(str(err).split())[:300]}") from None
+            raise SpecError(f"run.storage '{uri}': {one_line(err)}") from None
         return cls(filesystem, root.rstrip("/"), uri)
 
     def path(self, *parts: str) -> str:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .errors import SpecError
+from .errors import SpecError, one_line
 from .spec import SweepSpec
 from .sweep import JOB_ENV
 from .tracking import GIT_ENV, git_commit
@@ -33,7 +33,7 @@ def connect(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # unreachable, not a Ray dashboard, refused token
-        raise SpecError(f"--address '{address}': cannot reach a Ray cluster there ({' '.join(str(err).split())[:200]})"
+        raise SpecError(f"--address '{address}': cannot reach a Ray cluster there ({one_line(err, 200)})"
                         ) from None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import Storage, write_checkpoint
-from .errors import SpecError, TrainingDiverged
+from .errors import SpecError, TrainingDiverged, one_line
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
 from .tracking import DIVERGED_TAG, GIT_COMMIT_TAG, TEACHER_FAMILY_TAG, MetricLogger, Tracking, git_commit
 
@@ -248,7 +248,7 @@ def _system_metrics(job: TrainJob):
         monitor.start()
         return monitor
     except Exception as err:
-        log.warning("system metrics are not recorded (%s)", " ".join(str(err).split())[:200])
+        log.warning("system metrics are not recorded (%s)", one_line(err, 200))
         return None
 
 
@@ -334,7 +334,7 @@ def _failure_recorder(job: TrainJob):
         def after_exception(self, run_context, worker_exceptions):
             self.failures += 1
             rank, error = next(iter(sorted(worker_exceptions.items())))
-            text = " ".join(str(error).split())[:250] or type(error).__name__
+            text = one_line(error, 250)
             job.tracking.try_set_tags(job.run_id, {"deitlab.worker_failures": self.failures,
                                                "deitlab.last_failure": f"rank {rank}: {text}"})
 
@@ -381,7 +381,7 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking,
     """Resolve and load every teacher (and the student's init_from) once in the driver, so a bad checkpoint or URI
     fails before Ray starts work. Returns what the runs' tags say of each teacher, by label: family, arch, size."""
     from .data import load_data
-    from .models import load_teacher, model_family, model_size, student_weights
+    from .models import load_teacher, student_weights
 
     if init_from:
         student_weights(resolve_init_file(init_from, tracking))
@@ -392,10 +392,17 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking,
     for teacher in teachers:
         model, payload = load_teacher(resolve_teacher_file(teacher, tracking), num_classes=bundle.num_classes,
                                       in_chans=bundle.in_chans, arch=teacher.arch, model_kwargs=teacher.model_kwargs)
-        size = model_size(model, bundle.in_chans, bundle.img_size)
-        found[teacher.label] = {"family": model_family(model), "arch": payload["arch"],
-                                "params_m": round(size["params_m"], 4), "gflops": round(size["gflops"], 4)}
+        found[teacher.label] = _teacher_facts(model, payload, bundle)
     return found
+
+
+def _teacher_facts(model, payload: dict[str, Any], bundle) -> dict[str, Any]:
+    """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals)."""
+    from .models import model_family, model_size
+
+    size = model_size(model, bundle.in_chans, bundle.img_size)
+    return {"family": model_family(model), "arch": payload["arch"], "params_m": round(size["params_m"], 4),
+            "gflops": round(size["gflops"], 4)}
 
 
 def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -410,10 +417,10 @@ def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[
     return tags
 
 
-def _common_tags(spec) -> dict[str, Any]:
-    """Tags of every run: the deitlab commit that ran it and the user's own run.tags."""
+def common_tags(run: RunSpec) -> dict[str, Any]:
+    """Tags of every run, sweep parents included: the deitlab commit that ran it and the user's own run.tags."""
     commit = git_commit()
-    return {**({GIT_COMMIT_TAG: commit} if commit else {}), **spec.run.tags}
+    return {**({GIT_COMMIT_TAG: commit} if commit else {}), **run.tags}
 
 
 def _record_results(job: TrainJob, result) -> None:
@@ -434,7 +441,7 @@ def _record_results(job: TrainJob, result) -> None:
     try:
         _log_run_files(job, result, storage, history)
     except Exception as err:  # the run trained and its metrics are in MLflow: a missing figure does not fail it
-        log.warning("%s: evaluation artifacts not recorded (%s)", job.name, " ".join(str(err).split())[:200])
+        log.warning("%s: evaluation artifacts not recorded (%s)", job.name, one_line(err, 200))
 
 
 def _log_run_files(job: TrainJob, result, storage: Storage, history: list[dict[str, float]]) -> None:
@@ -490,7 +497,7 @@ def fill_from_checkpoint(tracking: Tracking, run_id: str, storage_uri: str, run_
         if history:
             fill_from_history(tracking, run_id, history, run_name)
     except Exception as err:  # best effort: the run's own record stands
-        log.warning("%s: could not compare MLflow with the checkpoint (%s)", run_name, " ".join(str(err).split())[:200])
+        log.warning("%s: could not compare MLflow with the checkpoint (%s)", run_name, one_line(err, 200))
 
 
 def _log_best_model(job: TrainJob, result, storage: Storage, tmp: Path) -> None:
@@ -525,7 +532,7 @@ def tracked_fit(job_spec, tracking: Tracking, run_name: str, tags: dict[str, str
         run_id = resume_run_id
         tracking.reopen_run(run_id)
     else:
-        run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags={**_common_tags(job_spec), **tags},
+        run_id = tracking.start_run(run_name, params=job_spec.flat_params(), tags={**common_tags(job_spec.run), **tags},
                                     parent_id=parent_id)
         tracking.log_json(run_id, "spec.json", job_spec.model_dump(mode="json", by_alias=True))
     job = TrainJob(job_spec, tracking, run_id, ray_run_name(run_name, run_id))
@@ -596,11 +603,11 @@ def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> T
 def teacher_card(model_file: Path, spec: TeacherTrainingSpec) -> dict[str, Any]:
     """A registered teacher version's tags: architecture, family, size, and the data it was trained and measured on."""
     from .data import data_fingerprint, load_data
-    from .models import load_teacher, model_family, model_size
+    from .models import load_teacher
 
     bundle = load_data(spec.data)
     model, payload = load_teacher(model_file, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
-    size = model_size(model, bundle.in_chans, bundle.img_size)
-    return {"architecture": payload["arch"], "family": model_family(model), "params_m": f"{size['params_m']:.4f}",
-            "gflops": f"{size['gflops']:.4f}", "img_size": bundle.img_size, "dataset": spec.data.dataset,
+    facts = _teacher_facts(model, payload, bundle)
+    return {"architecture": facts["arch"], "family": facts["family"], "params_m": f"{facts['params_m']:.4f}",
+            "gflops": f"{facts['gflops']:.4f}", "img_size": bundle.img_size, "dataset": spec.data.dataset,
             "data_fingerprint": data_fingerprint(bundle), "num_classes": bundle.num_classes}

@@ -57,21 +57,22 @@ def scrub(text: str) -> str:
 
 def scrub_item(name: str, value: Any) -> str:
     """The string MLflow may record for the param or tag `name`."""
-    if secret_name(name.rsplit(".", 1)[-1]) and not _harmless(name):
+    if _secret_field(name.rsplit(".", 1)[-1]):  # a dotted param: its own name, not its section's
         return REDACTED
     return scrub("None" if value is None else str(value))
 
 
-def _harmless(name: str) -> bool:
-    # Our own fields whose names contain a secret word but whose values are not secrets.
-    return name.rsplit(".", 1)[-1] in {"token", "uses_token", "auth_mode"}
+def _secret_field(key: str) -> bool:
+    """Whether a param, tag or JSON key names a secret. Our own `token` fields (the distillation token) and
+    `auth_mode` contain a secret word but hold none."""
+    return secret_name(key) and key.rsplit(".", 1)[-1] not in {"token", "uses_token", "auth_mode"}
 
 
 def scrub_tree(obj: Any) -> Any:
     """A JSON-like structure with secret values redacted (by key name and by value)."""
     if isinstance(obj, dict):
-        return {k: (REDACTED if isinstance(k, str) and secret_name(k) and not _harmless(k)
-                    and isinstance(v, str) else scrub_tree(v)) for k, v in obj.items()}
+        return {k: (REDACTED if isinstance(k, str) and _secret_field(k) and isinstance(v, str) else scrub_tree(v))
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub_tree(v) for v in obj]
     if isinstance(obj, str):

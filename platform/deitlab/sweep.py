@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
-from .ray_train import check_fits, fill_from_checkpoint, preflight_teachers, run_tags, tracked_fit, train_teacher
+from .errors import SpecError, one_line
+from .ray_train import (check_fits, common_tags, fill_from_checkpoint, preflight_teachers, run_tags, tracked_fit,
+                        train_teacher)
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
-from .tracking import GIT_COMMIT_TAG, KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking, git_commit
+from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
 
 log = logging.getLogger("deitlab.sweep")
 
@@ -303,7 +304,7 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
     errors = {r.config["trial"]: r.error for r in results if r.error is not None}
     for name, runs in _runs_by_trial(tracking, parent_id).items():
         if name in errors and runs and runs[0].info.status == "RUNNING":
-            text = " ".join(str(errors[name]).split())[:250] or type(errors[name]).__name__
+            text = one_line(errors[name], 250)
             tracking.try_set_tags(runs[0].info.run_id, {"deitlab.last_failure": text})
             tracking.end_run(runs[0].info.run_id, "FAILED")
     parent = tracking.client.get_run(parent_id)
@@ -331,11 +332,9 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None) -> SweepOutcome:
     tracking.experiment_id()
     specs = planned_trials(sweep)
     teachers = _check(sweep, specs, tracking)
-    commit = git_commit()
     parent_id = tracking.start_run(sweep.name, tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep",
                                                      SPEC_HASH_TAG: spec_hash(sweep),
-                                                     **({GIT_COMMIT_TAG: commit} if commit else {}),
-                                                     **sweep.experiment.run.tags},
+                                                     **common_tags(sweep.experiment.run)},
                                    params={"sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
                                            "sweep.early_stopping": sweep.early_stopping})
     tracking.log_json(parent_id, PLAN_ARTIFACT, sweep.model_dump(mode="json", by_alias=True))
@@ -354,7 +353,7 @@ def _log_summary(tracking: Tracking, sweep: str, parent_id: str) -> None:
                 relative = path.relative_to(tmp)
                 tracking.log_artifact(parent_id, path, str(Path("summary", *relative.parts[:-1])))
     except Exception as err:
-        log.warning("sweep '%s': the summary report was not logged (%s)", sweep, " ".join(str(err).split())[:200])
+        log.warning("sweep '%s': the summary report was not logged (%s)", sweep, one_line(err, 200))
 
 
 def recorded_sweep(tracking: Tracking, name: str):

@@ -6,6 +6,7 @@ never waits for MLflow and no value is dropped. Every param, tag and JSON artifa
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, one_line
 from .redact import scrub_item, scrub_tree
 
 log = logging.getLogger("deitlab.tracking")
@@ -61,6 +62,7 @@ def _recorded(name: str, value: Any) -> str:
     return scrub_item(name, value)[:MAX_PARAM_LENGTH]
 
 
+@functools.lru_cache(maxsize=1)  # asked once per process, not per run
 def git_commit() -> str | None:
     """The commit of the deitlab checkout that runs (`+dirty` with uncommitted changes), or DEITLAB_GIT_COMMIT."""
     if os.environ.get(GIT_ENV):
@@ -109,7 +111,7 @@ class Tracking:
         try:
             found = client.get_experiment_by_name(self.experiment)
         except Exception as err:  # unreachable server, bad URI, locked or corrupt store
-            raise SpecError(f"tracking URI '{self.tracking_uri}': {_one_line(err)}") from None
+            raise SpecError(f"tracking URI '{self.tracking_uri}': {one_line(err)}") from None
         if found is not None:
             return found.experiment_id
         if not create:
@@ -165,7 +167,7 @@ class Tracking:
         try:
             self.set_tags(run_id, tags)
         except Exception as err:
-            log.warning("MLflow tags not recorded (%s)", _one_line(err))
+            log.warning("MLflow tags not recorded (%s)", one_line(err))
 
     def logged_epochs(self, run_id: str, strict: bool = False) -> set[int]:
         """Epochs already in the run's metric history (rank 0 reads this on every start, so none is logged twice)."""
@@ -174,7 +176,7 @@ class Tracking:
         except Exception as err:
             if strict:
                 raise
-            log.warning("could not read the run's logged epochs (%s); epochs may be logged again", _one_line(err))
+            log.warning("could not read the run's logged epochs (%s); epochs may be logged again", one_line(err))
             return set()
 
     def record_resume(self, run_id: str, checkpoint: str, epoch: int) -> None:
@@ -205,7 +207,7 @@ class Tracking:
                                            f" tags.`{KIND_TAG}` = 'train' and attributes.status != 'FINISHED'",
                                            order_by=["attributes.start_time DESC"], max_results=1)
             except Exception as err:  # a name MLflow's filter syntax cannot quote
-                raise SpecError(f"--resume: cannot search for run '{name}': {_one_line(err)}") from None
+                raise SpecError(f"--resume: cannot search for run '{name}': {one_line(err)}") from None
             if not found:
                 raise SpecError(f"--resume: no unfinished run '{name}' in experiment '{self.experiment}'")
             run = found[0]
@@ -262,21 +264,6 @@ class Tracking:
             client.set_registered_model_alias(name, alias, version.version)
         return f"models:/{name}/{version.version}"
 
-    def version_tags(self, uri: str) -> dict[str, str]:
-        """The tags of the registered version behind a models:/ URI ({} for anything else or when unreachable)."""
-        if not uri.startswith("models:/"):
-            return {}
-        ref = uri.removeprefix("models:/").strip("/")
-        try:
-            client = self.client
-            if "@" in ref:
-                return dict(client.get_model_version_by_alias(*ref.split("@", 1)).tags)
-            name, _, version = ref.rpartition("/")
-            found = self.latest_version(name) if version == "latest" else client.get_model_version(name, version)
-            return dict(found.tags)
-        except Exception:
-            return {}
-
     def download(self, uri: str, dst: str | Path) -> Path:
         """Download a models:/ or runs:/ URI (or any artifact URI) to dst; a bad URI is a SpecError."""
         import mlflow.artifacts
@@ -289,7 +276,7 @@ class Tracking:
         except SpecError:
             raise
         except Exception as err:
-            raise SpecError(f"teacher URI '{uri}': {_one_line(err)}") from None
+            raise SpecError(f"teacher URI '{uri}': {one_line(err)}") from None
 
     def latest_version(self, name: str):
         """The newest registered version of `name`."""
@@ -317,7 +304,7 @@ class Tracking:
         except SpecError:
             raise
         except Exception as err:
-            raise SpecError(f"teacher URI '{uri}': {_one_line(err)}") from None
+            raise SpecError(f"teacher URI '{uri}': {one_line(err)}") from None
 
     # ------------------------------------------------------------------------------------------- artifacts
     def log_json(self, run_id: str, name: str, payload: Any) -> None:
@@ -336,7 +323,7 @@ class Tracking:
                                                            tracking_uri=self.tracking_uri)
                 return json.loads(Path(path).read_text(encoding="utf-8"))
             except Exception as err:
-                raise SpecError(f"run {run_id}: cannot read its artifact '{name}': {_one_line(err)}") from None
+                raise SpecError(f"run {run_id}: cannot read its artifact '{name}': {one_line(err)}") from None
 
     # ------------------------------------------------------------------------------------------- queries
     def sweep_parent(self, sweep: str):
@@ -356,7 +343,7 @@ class Tracking:
         try:
             ids = [e.experiment_id for e in client.search_experiments()]
         except Exception as err:
-            raise SpecError(f"tracking URI '{self.tracking_uri}': {_one_line(err)}") from None
+            raise SpecError(f"tracking URI '{self.tracking_uri}': {one_line(err)}") from None
         found = client.search_runs(ids, _sweep_filter(sweep), order_by=["attributes.start_time DESC"],
                                    max_results=1) if ids else []
         return client.get_experiment(found[0].info.experiment_id).name if found else None
@@ -375,13 +362,16 @@ class Tracking:
 
 
 # ------------------------------------------------------------------------------------------------- metric logging
-def metric_entities(metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> list:
-    """MLflow Metric entities for the finite numbers of `metrics` (NaN/Inf and non-numbers are not recorded)."""
-    from mlflow.entities import Metric
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The values MLflow records: finite numbers (NaN/Inf, booleans and non-numbers are left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
-    now = timestamp_ms or int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+def metric_entities(metrics: dict[str, float], step: int) -> list:
+    """MLflow Metric entities for the finite numbers of `metrics`, stamped now."""
+    now = int(time.time() * 1000)
+    return [_metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
 
 
 class MetricLogger:
@@ -410,17 +400,14 @@ class MetricLogger:
         self._cond = threading.Condition()
         self._closing = False
         self._deadline = math.inf
-        self.sent = 0
         self.down_since: float | None = None
-        self.send_seconds = 0.0  # time the thread spent in log_batch (the cost measured by `deitlab bench logging`)
         self._client = tracking.client
         self._thread = threading.Thread(target=self._loop, name="deitlab-metrics", daemon=True)
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        items = [(k, v, now, int(step)) for k, v in finite_metrics(metrics).items()]
         with self._cond:
             self._pending.extend(items)
             if len(self._pending) > self.max_pending:
@@ -477,32 +464,28 @@ class MetricLogger:
                     return
                 from_spill = self._spilled > 0
                 batch = self._read_spill(self.BATCH) if from_spill else list(self._pending)[: self.BATCH]
-            start = time.perf_counter()
             self._last_send = time.monotonic()
             try:
                 self._client.log_batch(self.run_id, metrics=[_metric(*item) for item in batch])
             except Exception as err:
                 if _rejected(err):  # the store refuses these values (e.g. a deleted run): retrying cannot help
                     log.warning("MLflow refused %d metric value(s) of run %s: %s", len(batch), self.run_id,
-                                _one_line(err))
+                                one_line(err))
                 else:
                     if self.down_since is None:
                         self.down_since = time.monotonic()
                         log.warning("MLflow unreachable (%s); training goes on, metrics are kept until it is back",
-                                    _one_line(err))
+                                    one_line(err))
                     with self._cond:
                         self._cond.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
                     continue
-            finally:
-                self.send_seconds += time.perf_counter() - start
             with self._cond:
                 if from_spill:
                     self._drop_spilled(len(batch))
                 else:
                     for _ in range(len(batch)):
                         self._pending.popleft()
-                self.sent += len(batch)
                 self._cond.notify_all()
             if self.down_since is not None:
                 log.warning("MLflow reachable again after %.0f s; buffered metrics are being sent",
@@ -564,11 +547,6 @@ def _sweep_filter(sweep: str) -> str:
     """MLflow's search filter for the parent runs of the sweep called `sweep`."""
     quoted = sweep.replace("'", "")
     return f"tags.`{SWEEP_TAG}` = '{quoted}' and tags.`{KIND_TAG}` = 'sweep'"
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] if text else type(err).__name__
 
 
 def quiet_mlflow() -> None:
