@@ -1,43 +1,39 @@
 """The framework-free train/eval loop: torch + timm only. Ray Train, a bare GPU box and the tests all drive this.
 
-`Engine` owns the model, optimiser, schedule, loaders and batch pipeline for one rank. When torch.distributed is
-initialised with more than one rank (Ray Train, torchrun) the trainable model is wrapped in DDP and evaluation counts
-are summed across ranks; nothing else changes.
+`Engine` owns the loaders, batch pipeline, frozen teacher and one or more students (step.Student: model, optimiser,
+schedule) for one rank. With several students (a pack) every batch is augmented once and the teacher runs once for
+all of them. When torch.distributed is initialised with more than one rank (Ray Train, torchrun) each student is
+wrapped in DDP and evaluation counts are summed across ranks; nothing else changes.
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from .data import BatchPipeline, DataBundle, load_data, make_loaders
-from .distill import (accuracies_from_counts, confusion_counts, distillation_loss, ground_truth_loss,
-                      head_agreement_counts, head_predictions)
+from .distill import (accuracies_from_counts, confusion_counts, ground_truth_loss, head_agreement_counts,
+                      head_predictions)
 from .models import student_heads
+from .step import LossConfig, Student, autocast, lean_optimizer, prepare_teacher, teacher_logits, train_step
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    mode: str = "none"
-    weight: float = 0.0
-    tau: float = 1.0
-    normalization: str = "batchmean"
-    label_smoothing: float = 0.1
-    hard_label_smoothing: float = 0.0
-
-    @classmethod
-    def from_specs(cls, distillation, augment) -> LossConfig:
-        return cls(distillation.mode, distillation.weight, distillation.tau, distillation.soft_normalization,
-                   augment.label_smoothing, distillation.hard_label_smoothing)
+@dataclass
+class Member:
+    """One student as an Engine receives it: its name (the trial's), fresh model and its own settings."""
+    name: str
+    model: nn.Module
+    loss: LossConfig
+    optim: Any  # spec.OptimSpec: opt, lr (+ scaling), weight decay, schedule, clipping
+    eval_head: str = "fused"
 
 
 def pick_device(run) -> torch.device:
@@ -49,196 +45,268 @@ def pick_device(run) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, *, teacher: nn.Module | None, loss: LossConfig, data, optim, run,
-                 device: torch.device, rank: int = 0, world_size: int = 1, bundle: DataBundle | None = None,
-                 eval_head: str = "fused"):
-        self.loss_config, self.optim, self.device, self.eval_head = loss, optim, device, eval_head
-        self.rank, self.world_size = rank, world_size
+    """Trains one student, or a pack of students in lockstep on the same batches and the same teacher forward."""
+
+    def __init__(self, members: list[Member], *, teacher: nn.Module | None, data, run, device: torch.device,
+                 rank: int = 0, world_size: int = 1, bundle: DataBundle | None = None):
+        if len({m.name for m in members}) != len(members) or not members:
+            raise ValueError("an engine needs one or more students with distinct names")
+        self.device, self.rank, self.world_size = device, rank, world_size
         self.bundle = bundle or load_data(data)
-        self.train_loader, self.val_loader = make_loaders(self.bundle, data, rank=rank, world_size=world_size,
+        loader_bundle = self.bundle
+        if device.type == "cuda" and self.bundle.in_memory:  # small in-memory sets live on the GPU: no transfers
+            loader_bundle = replace(self.bundle, train=tuple(t.to(device) for t in self.bundle.train),
+                                    val=tuple(t.to(device) for t in self.bundle.val))
+        self.train_loader, self.val_loader = make_loaders(loader_bundle, data, rank=rank, world_size=world_size,
                                                           seed=run.seed)
         self.pipeline = BatchPipeline(self.bundle, data.augment, device)
-        self.model = model.to(device)
-        self.teacher = teacher.to(device) if teacher is not None else None
-        if self.teacher is not None and device.type == "cuda":
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.trainable = self.model
-        self._distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-        if self._distributed:
-            self.trainable = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.global_batch = data.batch_size * world_size
-        self.lr = optim.scaled_lr(self.global_batch)
-        self.optimizer = create_optimizer_v2(self.model, optim.opt, lr=self.lr, weight_decay=optim.weight_decay)
-        self.scheduler = None
-        if optim.sched != "none":
-            self.scheduler, _ = create_scheduler_v2(
-                self.optimizer, optim.sched, num_epochs=optim.epochs, warmup_epochs=optim.warmup_epochs,
-                min_lr=optim.min_lr, warmup_lr=self.lr * 0.01, step_on_epochs=False,
-                updates_per_epoch=len(self.train_loader))
         self.amp = run.amp and device.type == "cuda"
+        compile_ = getattr(run, "compile", False)
+        self.teacher = prepare_teacher(teacher, device, amp=self.amp, compile=compile_) if teacher is not None else None
+        self._distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        self.global_batch = data.batch_size * world_size
         self.seed = run.seed
+        self.students = [self._student(m, run, compile_) for m in members]
         self.epoch = 0  # epochs completed
-        self.history: list[dict[str, float]] = []  # every completed epoch's metrics, kept in checkpoints
-        self.confusion: list[list[int]] | None = None  # the last evaluation's confusion matrix (eval head)
-        # Called every `log_every_steps` optimiser steps with ({"train_loss_step", "lr_step"}, global step): the one
-        # host sync of the step happens only then. Adapters point it at their metric logger's log().
-        self.on_step = None
         self.log_every_steps = getattr(run, "log_every_steps", 0)
 
-    def _seed_epoch(self) -> None:
-        """Reseed every RNG that augmentation and dropout draw from, from (seed, rank, epoch).
+    def _student(self, member: Member, run, compile_: bool) -> Student:
+        model = member.model.to(self.device)
+        trainable = model
+        if self._distributed:
+            trainable = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optim = member.optim
+        lr = optim.scaled_lr(self.global_batch)
+        optimizer = lean_optimizer(model, optim.opt, lr=lr, weight_decay=optim.weight_decay, device=self.device)
+        scheduler = None
+        if optim.sched != "none":
+            scheduler, _ = create_scheduler_v2(
+                optimizer, optim.sched, num_epochs=optim.epochs, warmup_epochs=optim.warmup_epochs,
+                min_lr=optim.min_lr, warmup_lr=lr * 0.01, step_on_epochs=False,
+                updates_per_epoch=len(self.train_loader))
+        return Student(member.name, model, member.loss, optimizer, scheduler, device=self.device, amp=self.amp,
+                       clip_grad=optim.clip_grad, seed=run.seed, eval_head=member.eval_head, trainable=trainable,
+                       compile=compile_)
+
+    # ------------------------------------------------------------------------------------- the single student
+    @property
+    def student(self) -> Student:
+        """The student of a one-student engine (what `deitlab train` and teachers use)."""
+        if len(self.students) != 1:
+            raise ValueError(f"this engine trains a pack of {len(self.students)} students")
+        return self.students[0]
+
+    model = property(lambda self: self.student.model)
+    optimizer = property(lambda self: self.student.optimizer)
+    history = property(lambda self: self.student.history)
+    confusion = property(lambda self: self.student.confusion)
+
+    @property
+    def on_step(self):
+        return self.student.on_step
+
+    @on_step.setter
+    def on_step(self, hook) -> None:
+        self.student.on_step = hook
+
+    def active(self) -> list[Student]:
+        return [s for s in self.students if s.stopped is None]
+
+    def stop(self, name: str, reason: str) -> None:
+        """Stop training one student (a scheduler's decision); the rest of the pack goes on."""
+        next(s for s in self.students if s.name == name).stopped = reason
+
+    def _seed_epoch(self) -> int:
+        """Reseed every RNG that augmentation draws from, from (seed, rank, epoch); returns the seed.
 
         Checkpoints fall on epoch boundaries, so a resumed run draws exactly the random numbers an uninterrupted one
         would have, with no generator state to save (and a run resumed on another number of workers is well defined).
+        Students draw dropout and drop-path from their own streams (step.Student.own_rng), seeded from this too.
         """
         seed = (self.seed * 1_000_003 + self.rank * 10_007 + self.epoch) % 2**31
         torch.manual_seed(seed)  # CPU and every CUDA device
         np.random.seed(seed)  # timm Mixup
         random.seed(seed)  # timm RandomErasing
+        return seed
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else {}, "epoch": self.epoch,
-                "history": self.history}
+        if len(self.students) == 1:  # the format single runs always had
+            return self.student.state_dict(self.epoch)
+        return {"epoch": self.epoch, "students": {s.name: s.state_dict(self.epoch) for s in self.students}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
-        self.history = list(state.get("history", []))[: self.epoch]
+        if "students" in state:
+            for student in self.students:
+                student.load_state_dict(state["students"][student.name], self.epoch)
+        else:
+            self.student.load_state_dict(state, self.epoch)
 
-    # ---------------------------------------------------------------------------------------------- steps
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-
-    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        with torch.inference_mode(), self._autocast():
-            logits = self.teacher(images).float()
-        return logits.clone()  # a normal tensor again: the loss saves it for backward, inference tensors can't be
-
-    def train_epoch(self) -> dict[str, float]:
-        self.trainable.train()
+    # ---------------------------------------------------------------------------------------------- epochs
+    def train_epoch(self) -> dict[str, dict[str, float]]:
+        """One epoch of every active student; their training metrics by name. A student whose loss is not finite
+        is stopped (its reason says so) and left out; the others go on."""
+        active = self.active()
         self.train_loader.set_epoch(self.epoch)
-        self._seed_epoch()
-        c = self.loss_config
-        teacher = self.teacher if c.mode != "none" else None
-        sums = torch.zeros(3, device=self.device)  # loss, base, kd
+        seed = self._seed_epoch()
+        for student in active:
+            student.begin_epoch((seed + 7_919) % 2**31)
+        per_epoch = len(self.train_loader)
         steps, images_seen, start = 0, 0, time.perf_counter()
         for images, labels in self.train_loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             images, targets = self.pipeline.train_batch(images, labels)
-            teacher_logits = self._teacher_logits(images) if teacher is not None else None
-            with self._autocast():
-                outputs = self.trainable(images)
-            parts = distillation_loss(outputs, targets, teacher_logits, mode=c.mode, weight=c.weight, tau=c.tau,
-                                      normalization=c.normalization, label_smoothing=c.label_smoothing,
-                                      hard_label_smoothing=c.hard_label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            if self.optim.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.clip_grad)
-            self.optimizer.step()
             steps += 1
+            global_step = self.epoch * per_epoch + steps
+            train_step(active, self.teacher, images, targets, global_step)
             images_seen += images.shape[0]
-            if self.scheduler is not None:
-                self.scheduler.step_update(self.epoch * len(self.train_loader) + steps)
-            sums += torch.stack([parts.loss.detach(), parts.base, parts.kd])
-            global_step = self.epoch * len(self.train_loader) + steps
-            if self.on_step is not None and self.log_every_steps and global_step % self.log_every_steps == 0:
-                self.on_step({"train_loss_step": parts.loss.item(), "lr_step": self.optimizer.param_groups[0]["lr"]},
-                             global_step)
+            if self.log_every_steps and global_step % self.log_every_steps == 0:
+                for student in active:
+                    if student.on_step is not None:
+                        student.on_step(student.step_metrics(), global_step)
         self.epoch += 1
         elapsed = time.perf_counter() - start
+        sums = torch.stack([s.sums for s in active])  # one reduction for the whole pack
         if self._distributed:  # every rank has the same number of steps: the mean of rank means is the global mean
             dist.all_reduce(sums)
             sums /= self.world_size
-        loss, base, kd = (sums / max(steps, 1)).tolist()
-        if not torch.isfinite(sums).all():
-            raise FloatingPointError(f"training loss is not finite at epoch {self.epoch}")
-        return {"train_loss": loss, "train_base_loss": base, "train_kd_loss": kd,
-                "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+        finite = torch.isfinite(sums).all(dim=1).tolist()
+        results = {}
+        for student, (loss, base, kd), ok in zip(active, (sums / max(steps, 1)).tolist(), finite):
+            if not ok:
+                student.stopped = f"training loss is not finite at epoch {self.epoch}"
+                continue
+            results[student.name] = {
+                "train_loss": loss, "train_base_loss": base, "train_kd_loss": kd,
+                "lr": student.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
                 "train_images_per_s": images_seen * self.world_size / max(elapsed, 1e-9)}
+        return results
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Accuracies of the class head, distillation head, fused heads and teacher, and agreement with the teacher."""
-        self.model.eval()
-        totals: dict[str, torch.Tensor] = {}
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Per active student: accuracies of the class head, distillation head, fused heads and teacher, agreement
+        with the teacher, validation loss. The teacher runs once per batch for the whole pack."""
+        active = self.active()
         classes = self.bundle.num_classes
-        confusion = torch.zeros(classes, classes, dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
+        totals: dict[str, dict[str, torch.Tensor]] = {s.name: {} for s in active}
+        confusion = {s.name: torch.zeros(classes, classes, dtype=torch.long, device=self.device) for s in active}
+        loss_sum = {s.name: torch.zeros((), device=self.device) for s in active}
+        for student in active:
+            student.model.eval()
         for images, labels in self.val_loader:
             images = self.pipeline.normalize(images.to(self.device, non_blocking=True))
             labels = labels.to(self.device, non_blocking=True)
-            with self._autocast():
-                cls_logits, dist_logits = student_heads(self.model, images)
-            teacher_logits = self._teacher_logits(images)
-            loss_sum += ground_truth_loss(cls_logits, labels) * labels.numel()
-            predictions = head_predictions(cls_logits, dist_logits)
-            confusion += confusion_counts(labels, predictions[self.eval_head], classes)
-            for key, value in head_agreement_counts(cls_logits, dist_logits, labels, teacher_logits,
-                                                    predictions).items():
-                totals[key] = totals.get(key, 0) + value.float()
-        keys = sorted(totals)
-        packed = torch.stack([totals[k] for k in keys] + [loss_sum])
-        if self._distributed:
-            dist.all_reduce(packed)
-            dist.all_reduce(confusion)
-        self.confusion = confusion.tolist()
-        counts = dict(zip(keys, packed.tolist()))
-        metrics = accuracies_from_counts(counts)
-        metrics["val_loss"] = packed[-1].item() / max(counts["count"], 1.0)
-        metrics["acc"] = metrics[f"acc_{self.eval_head}"]
-        return metrics
+            t_logits = teacher_logits(self.teacher, images) if self.teacher is not None else None
+            for student in active:
+                with autocast(self.amp, self.device):
+                    cls_logits, dist_logits = student_heads(student.model, images)
+                loss_sum[student.name] += ground_truth_loss(cls_logits, labels) * labels.numel()
+                predictions = head_predictions(cls_logits, dist_logits)
+                confusion[student.name] += confusion_counts(labels, predictions[student.eval_head], classes)
+                mine = totals[student.name]
+                for key, value in head_agreement_counts(cls_logits, dist_logits, labels, t_logits,
+                                                        predictions).items():
+                    mine[key] = mine.get(key, 0) + value.float()
+        results = {}
+        for student in active:
+            keys = sorted(totals[student.name])
+            packed = torch.stack([totals[student.name][k] for k in keys] + [loss_sum[student.name]])
+            matrix = confusion[student.name]
+            if self._distributed:
+                dist.all_reduce(packed)
+                dist.all_reduce(matrix)
+            student.confusion = matrix.tolist()
+            counts = dict(zip(keys, packed.tolist()))
+            metrics = accuracies_from_counts(counts)
+            metrics["val_loss"] = packed[-1].item() / max(counts["count"], 1.0)
+            metrics["acc"] = metrics[f"acc_{student.eval_head}"]
+            results[student.name] = metrics
+        return results
 
-    def run(self, epochs: int) -> Iterator[dict[str, float]]:
-        """Train up to `epochs` total (resuming after self.epoch), yielding each epoch's train + val metrics."""
+    def run_pack(self, epochs: int) -> Iterator[dict[str, dict[str, float]]]:
+        """Train up to `epochs` total (resuming after self.epoch); per epoch, each active student's train + val
+        metrics by name. Ends early when every student has stopped."""
         mark = time.perf_counter()
-        while self.epoch < epochs:
-            metrics = self.train_epoch()
-            metrics.update(self.evaluate())
-            metrics["epoch"] = self.epoch
+        while self.epoch < epochs and self.active():
+            results = self.train_epoch()
+            evaluations = self.evaluate()
             # Wall time since the previous epoch ended: training, evaluation, and whatever the caller did with the
             # previous epoch (checkpointing, reporting): what `deitlab bench overhead` compares.
             now = time.perf_counter()
-            metrics["epoch_wall_s"], mark = now - mark, now
-            metrics["best_acc"] = max([m["acc"] for m in self.history] + [metrics["acc"]])
-            self.history.append(dict(metrics))
-            yield metrics
+            wall, mark = now - mark, now
+            for student in self.active():
+                metrics = results[student.name]
+                metrics.update(evaluations[student.name])
+                metrics["epoch"] = self.epoch
+                metrics["epoch_wall_s"] = wall
+                metrics["best_acc"] = max([m["acc"] for m in student.history] + [metrics["acc"]])
+                student.history.append(dict(metrics))
+            yield results
+
+    def run(self, epochs: int) -> Iterator[dict[str, float]]:
+        """The one student's metrics per epoch; FloatingPointError when its loss stops being finite."""
+        student = self.student
+        for results in self.run_pack(epochs):
+            if student.stopped is not None:
+                raise FloatingPointError(student.stopped)
+            yield results[student.name]
 
 
 # ------------------------------------------------------------------------------------------------- from specs
-def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, rank: int = 0,
-                      world_size: int = 1, init_file: str | None = None) -> Engine:
-    """An Engine for one ExperimentSpec. `teacher_file` and `init_file` (the student's starting weights, from
-    spec.init_from) are local files: adapters resolve runs:/ and models:/ URIs."""
+# Per-trial fields a pack member may have of its own; everything else in the spec is shared by the pack.
+OWN_OPTIM_FIELDS = ("lr", "weight_decay", "opt", "sched", "warmup_epochs", "min_lr", "clip_grad", "lr_base_batch")
+
+
+def pack_key(spec) -> str:
+    """Trials with equal keys can share batches and teacher forwards: the same teacher, data, augmentation, batch
+    schedule (seed, epochs, workers), initial weights and run settings. The student (any size), its distillation
+    settings (mode, token, τ, λ), optimiser settings and tags are each member's own."""
+    shared = spec.model_dump(mode="json", exclude={"student": True, "distillation": True,
+                                                   "optim": set(OWN_OPTIM_FIELDS), "run": {"tags"}})
+    return json.dumps(shared, sort_keys=True)
+
+
+def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torch.device, rank: int = 0,
+                world_size: int = 1, init_file: str | None = None) -> Engine:
+    """An Engine training one student per ExperimentSpec in `specs` (name → spec) in lockstep; the specs must share
+    a pack_key. `teacher_file` and `init_file` (the students' starting weights, from spec.init_from) are local files:
+    adapters resolve runs:/ and models:/ URIs."""
     from .models import build_student, init_student, load_teacher, student_weights
 
-    bundle = load_data(spec.data)
+    first = next(iter(specs.values()))
+    if len({pack_key(spec) for spec in specs.values()}) != 1:
+        raise ValueError("packed trials must share teacher, data, batch schedule and run settings")
+    bundle = load_data(first.data)
     teacher = None
-    if spec.teacher is not None:
+    if first.teacher is not None:
         if teacher_file is None:
             raise ValueError("the spec has a teacher but no teacher file was resolved")
         teacher, _ = load_teacher(teacher_file, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
-                                  arch=spec.teacher.arch, model_kwargs=spec.teacher.model_kwargs)
-    torch.manual_seed(spec.run.seed)  # identical initial weights on every rank
-    student = build_student(spec.student, spec.distillation, bundle.num_classes, bundle.in_chans, bundle.img_size)
-    if spec.init_from and init_file is None:
-        if ":/" in spec.init_from:
+                                  arch=first.teacher.arch, model_kwargs=first.teacher.model_kwargs)
+    if first.init_from and init_file is None:
+        if ":/" in first.init_from:
             raise ValueError("the spec has init_from but no checkpoint file was resolved")
-        init_file = spec.init_from
-    if init_file:
-        init_student(student, student_weights(init_file))
-    return Engine(student, teacher=teacher, loss=LossConfig.from_specs(spec.distillation, spec.data.augment),
-                  data=spec.data, optim=spec.optim, run=spec.run, device=device, rank=rank, world_size=world_size,
-                  bundle=bundle, eval_head=spec.distillation.eval_head)
+        init_file = first.init_from
+    members = []
+    for name, spec in specs.items():
+        torch.manual_seed(spec.run.seed)  # identical initial weights on every rank, and packed or alone
+        student = build_student(spec.student, spec.distillation, bundle.num_classes, bundle.in_chans, bundle.img_size)
+        if init_file:
+            init_student(student, student_weights(init_file))
+        members.append(Member(name, student, LossConfig.from_specs(spec.distillation, spec.data.augment), spec.optim,
+                              spec.distillation.eval_head))
+    return Engine(members, teacher=teacher, data=first.data, run=first.run, device=device, rank=rank,
+                  world_size=world_size, bundle=bundle)
+
+
+def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, rank: int = 0,
+                      world_size: int = 1, init_file: str | None = None) -> Engine:
+    """An Engine for one ExperimentSpec (see pack_engine)."""
+    return pack_engine({"student": spec}, teacher_file, device=device, rank=rank, world_size=world_size,
+                       init_file=init_file)
 
 
 def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int = 1) -> Engine:
@@ -249,8 +317,8 @@ def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int
     torch.manual_seed(spec.run.seed)
     model = build_classifier(spec.arch, spec.model_kwargs, bundle.num_classes, bundle.in_chans)
     loss = LossConfig(mode="none", label_smoothing=spec.data.augment.label_smoothing)
-    return Engine(model, teacher=None, loss=loss, data=spec.data, optim=spec.optim, run=spec.run, device=device,
-                  rank=rank, world_size=world_size, bundle=bundle, eval_head="cls")
+    return Engine([Member("teacher", model, loss, spec.optim, eval_head="cls")], teacher=None, data=spec.data,
+                  run=spec.run, device=device, rank=rank, world_size=world_size, bundle=bundle)
 
 
 def main(argv: list[str] | None = None) -> int:
