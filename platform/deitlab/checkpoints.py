@@ -111,15 +111,16 @@ class Storage:
     uri: str  # as the user wrote it, for messages
 
     @classmethod
-    def open(cls, uri: str, create: bool = True) -> Storage:
-        """Resolve `uri` (local path or s3://…) and check it can be written: SpecError in one line if not."""
+    def open(cls, uri: str, create: bool = True, what: str = "run.storage") -> Storage:
+        """Resolve `uri` (local path or s3://…) and check it can be written: SpecError in one line if not, naming
+        the URI as `what` (the spec field or option it came from)."""
         import pyarrow.fs as pafs
 
         try:
             if uri.startswith("s3://"):
                 filesystem, root = pafs.FileSystem.from_uri(_with_region(uri))
             elif "://" in uri and not uri.startswith("file://"):
-                raise SpecError(f"run.storage '{uri}': expected a local path or s3://bucket/prefix")
+                raise SpecError(f"{what} '{uri}': expected a local path or s3://bucket/prefix")
             else:
                 root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
                 filesystem = pafs.LocalFileSystem()
@@ -129,7 +130,7 @@ class Storage:
         except SpecError:
             raise
         except Exception as err:  # unreachable endpoint, no such bucket, denied, bad URI
-            raise SpecError(f"run.storage '{uri}': {one_line(err)}") from None
+            raise SpecError(f"{what} '{uri}': {one_line(err)}") from None
         return cls(filesystem, root.rstrip("/"), uri)
 
     def path(self, *parts: str) -> str:

@@ -20,9 +20,11 @@ app = typer.Typer(help="DeiT-style distillation experiments on Ray, tracked in M
                   pretty_exceptions_enable=False, add_completion=False)
 teacher_app = typer.Typer(help="Train and register teachers.", no_args_is_help=True)
 sweep_app = typer.Typer(help="Plan and run sweeps.", no_args_is_help=True)
+data_app = typer.Typer(help="Data packs: image folders as Parquet shards for the GPU data path.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: figures for the README, never timed tests.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(sweep_app, name="sweep")
+app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
 # Results (tables, JSON). Piped output gets room for the wide ablation table instead of rich's 80 columns.
@@ -449,6 +451,45 @@ def sweep_submit(sweep: Path,
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------------------------------------------------- data
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@data_app.command("pack")
+@handled
+def data_pack(src: Annotated[Path, typer.Argument(help="image folder: train/ and val/, one sub-folder per class")],
+              dest: Annotated[str, typer.Argument(help="a folder, or s3://bucket/prefix (endpoint from"
+                                                       " AWS_ENDPOINT_URL or ?endpoint_override=HOST:PORT&scheme=http)")],
+              shard_rows: Annotated[Optional[int], typer.Option(help="images per Parquet file (default 2048)")] = None,
+              overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a pack already at DEST")] = False
+              ) -> None:
+    """Pack an image folder into Parquet shards of JPEG bytes, read by `data: {dataset: parquet, path: DEST}`.
+
+    JPEGs are stored as they are; other formats are re-encoded as JPEG (quality 95). Every file is decoded once
+    first: nothing is written if one fails. meta.json, written last, marks the pack complete."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .shards import DEFAULT_SHARD_ROWS, pack_imagefolder
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("scanning", total=None)
+        result = pack_imagefolder(src, dest, shard_rows=DEFAULT_SHARD_ROWS if shard_rows is None else shard_rows,
+                                  overwrite=overwrite, progress=lambda stage, done, total: bar.update(
+                                      task, description=stage, completed=done, total=total))
+    for split, written in result["splits"].items():
+        out.print(f"{split}: {written['rows']} images in {written['shards']} shard(s), {_bytes(written['bytes'])}",
+                  highlight=False)
+    note = f", {result['reencoded']} re-encoded as JPEG" if result["reencoded"] else ""
+    out.print(f"packed {result['classes']} classes into {dest}{note}; meta.json written last", highlight=False,
+              soft_wrap=True)
+
+
 @app.command()
 @handled
 def report(sweep: Annotated[str, typer.Argument(help="a sweep spec file, or a sweep name")],
@@ -558,6 +599,18 @@ def bench_overhead(spec: Annotated[Optional[Path], typer.Argument(help="experime
               f" {result.epochs - 1} epochs per path, first epochs excluded; Ray's start-up is in the total)")
     if json_out:
         json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+@bench_app.command("step", add_help_option=False,
+                   context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_step(ctx: typer.Context) -> None:
+    """Images/s of the official DeiT step, the lean step, packed students and the GPU data path; --help for options.
+
+    The same benchmark runs as `python -m deitlab.step_bench` on boxes with only torch and timm: one parser for both.
+    """
+    from .step_bench import main
+
+    raise typer.Exit(main(list(ctx.args)))
 
 
 @bench_app.command("logging")

@@ -4,6 +4,8 @@
   resized once to `img_size` and kept in memory.
 - synthetic: class prototypes plus noise, for smoke tests and benchmarks of any size.
 - imagefolder: any folder with train/ and val/ class sub-folders, decoded by torchvision with timm's transforms.
+- parquet: a pack of JPEG bytes in Parquet shards (`deitlab data pack`, shards.py), local or on S3, streamed; decoded
+  and augmented on the training device (gpu_augment.py, nvJPEG on CUDA).
 
 In-memory sets are augmented per batch on the training device (random affine, flips, erasing) with no per-sample Python
 loops; mixup/cutmix (timm) applies to every data set. The teacher is fed the batch this pipeline returns, so it sees
@@ -43,7 +45,8 @@ class DataBundle:
 
 def data_fingerprint(bundle: DataBundle) -> str:
     """A short SHA-256 of the data as loaded: images and labels of both splits (in-memory sets), or every file's
-    relative path, size and class (image folders). Two runs with equal fingerprints saw the same data."""
+    relative path, size and class (image folders), or the shards' checksums in meta.json (packs). Two runs with equal
+    fingerprints saw the same data."""
     import hashlib
     import os
 
@@ -52,6 +55,8 @@ def data_fingerprint(bundle: DataBundle) -> str:
         if isinstance(split, tuple):
             for tensor in split:
                 digest.update(tensor.contiguous().numpy().tobytes())
+        elif hasattr(split, "fingerprint"):  # a pack's split (shards.ParquetImages)
+            digest.update(split.fingerprint().encode())
         else:
             root = split.root
             for path, label in split.samples:
@@ -65,6 +70,8 @@ def load_data(data) -> DataBundle:
         return _digits(data)
     if data.dataset == "synthetic":
         return _synthetic(data)
+    if data.dataset == "parquet":
+        return _parquet(data)
     return _imagefolder(data)
 
 
@@ -126,6 +133,16 @@ def _imagefolder(data) -> DataBundle:
     if train.classes != val.classes:
         raise SpecError(f"imagefolder '{data.path}': train/ and val/ have different class folders")
     return DataBundle(train, val, len(train.classes), 3, data.img_size, None, None)
+
+
+def _parquet(data) -> DataBundle:
+    """A pack's splits, read lazily; its batches are JPEG bytes, normalised on the device with ImageNet statistics."""
+    from .gpu_augment import IMAGENET_MEAN, IMAGENET_STD
+    from .shards import ParquetPack
+
+    pack = ParquetPack(data.path)
+    return DataBundle(pack.split("train"), pack.split("val"), pack.num_classes, 3, data.img_size, IMAGENET_MEAN,
+                      IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------------------- loaders
@@ -224,6 +241,12 @@ def make_loaders(bundle: DataBundle, data, *, rank: int = 0, world_size: int = 1
     if bundle.in_memory:
         return (TensorBatches(bundle.train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed),
                 TensorBatches(bundle.val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size))
+    if getattr(bundle.train, "encoded", False):  # a pack: streamed by threads, not DataLoader workers
+        from .shards import ParquetBatches
+
+        return (ParquetBatches(bundle.train, data.batch_size, shuffle=True, rank=rank, world_size=world_size,
+                               seed=seed),
+                ParquetBatches(bundle.val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size))
     common = dict(num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=data.num_workers > 0)
     train = ShardBatchSampler(n_train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed)
@@ -239,6 +262,11 @@ class BatchPipeline:
     def __init__(self, bundle: DataBundle, augment, device: torch.device):
         self.augment = augment
         self.geometric = bundle.in_memory  # imagefolder batches were augmented by timm transforms per image
+        self.gpu = None  # packs: batches arrive as JPEG bytes, decoded + augmented + normalised + erased on the device
+        if getattr(bundle.train, "encoded", False):
+            from .gpu_augment import GpuAugment
+
+            self.gpu = GpuAugment(bundle.img_size, augment, device, bundle.mean, bundle.std)
         self.mean = None if bundle.mean is None else torch.tensor(bundle.mean, device=device).view(1, -1, 1, 1)
         self.std = None if bundle.std is None else torch.tensor(bundle.std, device=device).view(1, -1, 1, 1)
         self.mixup = None
@@ -248,21 +276,26 @@ class BatchPipeline:
             self.mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix,
                                label_smoothing=augment.label_smoothing, num_classes=bundle.num_classes)
         self.erasing = None
-        if augment.random_erasing > 0:
+        if augment.random_erasing > 0 and self.gpu is None:
             from timm.data.random_erasing import RandomErasing
 
             self.erasing = RandomErasing(augment.random_erasing, mode="pixel", device=str(device))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if self.gpu is not None:  # a validation batch of JPEG bytes: decode, centre crop, normalise
+            return self.gpu.validation(images)
         return images if self.mean is None else (images - self.mean) / self.std
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (augmented images, targets): integer labels, or soft targets when mixup/cutmix is on."""
         a = self.augment
-        if self.geometric and (a.rotate or a.translate or tuple(a.scale) != (1, 1) or a.hflip):
-            images = random_affine(images, self.augment.rotate, self.augment.translate, self.augment.scale,
-                                   self.augment.hflip)
-        images = self.normalize(images)
+        if self.gpu is not None:  # JPEG bytes: decoded, cropped, flipped, RandAugment, normalised, erased
+            images = self.gpu.train(images)
+        else:
+            if self.geometric and (a.rotate or a.translate or tuple(a.scale) != (1, 1) or a.hflip):
+                images = random_affine(images, self.augment.rotate, self.augment.translate, self.augment.scale,
+                                       self.augment.hflip)
+            images = self.normalize(images)
         if self.erasing is not None:
             images = self.erasing(images)
         if self.mixup is not None and images.shape[0] % 2 == 0:

@@ -444,8 +444,10 @@ def _record_results(job: TrainJob, result) -> None:
         log.warning("%s: evaluation artifacts not recorded (%s)", job.name, one_line(err, 200))
 
 
-def _log_run_files(job: TrainJob, result, storage: Storage, history: list[dict[str, float]]) -> None:
-    """Curves, confusion matrix and (students) the best model as artifacts of the run."""
+def _log_run_files(job: TrainJob, result, storage: Storage, history: list[dict[str, float]],
+                   best_model=None) -> None:
+    """Curves, confusion matrix and (students) the best model as artifacts of the run. `best_model` loads the
+    student's state from a checkpoint path (default: the checkpoint's own state; packs pick their member's)."""
     import json
 
     from .run_artifacts import CONFUSION_FILE, confusion_json, confusion_png, curves_png
@@ -464,7 +466,7 @@ def _log_run_files(job: TrainJob, result, storage: Storage, history: list[dict[s
             if path is not None:
                 tracking.log_artifact(run_id, path, "evaluation")
         if not job.is_teacher:
-            _log_best_model(job, result, storage, Path(tmp))
+            _log_best_model(job, result, storage, Path(tmp), best_model or storage.load)
 
 
 def _read_json(storage: Storage, checkpoint_path: str, name: str):
@@ -500,7 +502,7 @@ def fill_from_checkpoint(tracking: Tracking, run_id: str, storage_uri: str, run_
         log.warning("%s: could not compare MLflow with the checkpoint (%s)", run_name, one_line(err, 200))
 
 
-def _log_best_model(job: TrainJob, result, storage: Storage, tmp: Path) -> None:
+def _log_best_model(job: TrainJob, result, storage: Storage, tmp: Path, load) -> None:
     """The kept checkpoint that is best by run.checkpoint_metric, as a deitlab model file: `best_model/model.pt`."""
     from .data import load_data
     from .models import write_model_file
@@ -511,7 +513,7 @@ def _log_best_model(job: TrainJob, result, storage: Storage, tmp: Path) -> None:
     if not kept:
         return
     checkpoint, metrics = (max if order == "max" else min)(kept, key=lambda cm: cm[1][metric])
-    state = storage.load(checkpoint.path)
+    state = load(checkpoint.path)
     bundle = load_data(spec.data)
     token = spec.distillation.uses_token
     path = write_model_file(tmp / "best_model" / "model.pt", state["model"], arch=spec.student.timm_name(token),

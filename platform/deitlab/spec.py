@@ -151,12 +151,14 @@ class AugmentSpec(_Strict):
     cutmix: float = Field(0.0, ge=0, description="timm CutMix alpha; 0 disables")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     random_erasing: float = Field(0.0, ge=0, le=1)
-    auto_augment: str | None = Field(None, description="timm auto-augment policy for imagefolder, e.g. rand-m9-mstd0.5")
+    auto_augment: str | None = Field(None, description="timm auto-augment policy for imagefolder, e.g. rand-m9-mstd0.5;"
+                                                       " parquet (on the device) takes RandAugment: rand-mM[-nN][-mstdS]")
 
 
 class DataSpec(_Strict):
-    dataset: Literal["digits", "imagefolder", "synthetic"] = "digits"
-    path: str | None = Field(None, description="imagefolder root holding train/ and val/ class folders")
+    dataset: Literal["digits", "imagefolder", "synthetic", "parquet"] = "digits"
+    path: str | None = Field(None, description="imagefolder root holding train/ and val/ class folders; parquet: a pack"
+                                               " (`deitlab data pack`), a folder or s3://bucket/prefix")
     img_size: int = Field(16, gt=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
@@ -179,6 +181,27 @@ class DataSpec(_Strict):
             for split in ("train", "val"):
                 if not (Path(self.path) / split).is_dir():
                     raise ValueError(f"imagefolder path '{self.path}' has no '{split}/' folder")
+        return self
+
+    @model_validator(mode="after")
+    def _path_for_parquet(self) -> DataSpec:
+        if self.dataset != "parquet":
+            return self
+        from .shards import check_pack_uri  # torch + pyarrow: only for parquet specs
+
+        if not self.path:
+            raise ValueError("dataset 'parquet' needs 'path' (a pack made by `deitlab data pack`: a folder or"
+                             " s3://bucket/prefix)")
+        try:
+            check_pack_uri(self.path, "path")
+        except SpecError as err:
+            raise ValueError(str(err)) from None
+        if "://" not in self.path and not (Path(self.path) / "meta.json").is_file():
+            raise ValueError(f"parquet path '{self.path}' has no meta.json (not a pack, or its packing did not finish)")
+        if self.augment.auto_augment:
+            from .gpu_augment import parse_rand_augment
+
+            parse_rand_augment(self.augment.auto_augment)
         return self
 
 
@@ -231,6 +254,7 @@ class RunSpec(_Strict):
     torch_threads: int = Field(1, gt=0, description="intra-op threads per worker on CPU")
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
+    compile: bool = Field(False, description="torch.compile students and teacher (slower start, faster steps)")
     workdir: str = Field("deitlab-work", validate_default=True,
                          description="local home of the default MLflow store and Ray results")
     storage: str | None = Field(None, description="Ray storage path (local dir or s3://...); default WORKDIR/ray_results")
@@ -463,6 +487,9 @@ class SweepSpec(_Strict):
     mode: Literal["max", "min"] = "max"
     early_stopping: EarlyStopping | None = None
     max_concurrent_trials: int | None = Field(None, gt=0, alias="max_concurrent")
+    pack: int = Field(1, ge=1, le=64, description="train up to this many trials together when they share teacher,"
+                                                  " data and batch schedule: one batch and one teacher forward per"
+                                                  " step for all (1: every trial alone)")
 
     @model_validator(mode="before")
     @classmethod

@@ -291,17 +291,44 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
     if os.environ.get(JOB_ENV):
         tags[JOB_TAG] = os.environ[JOB_ENV]
     tracking.set_tags(parent_id, tags)
-    trial_fn = tune.with_parameters(_sweep_trial, sweep_name=sweep.name, specs=specs, tracking=tracking,
-                                    parent_id=parent_id, teachers=teachers)
-    recorder = _stop_recorder(tracking, parent_id, specs, sweep.metric)
+    units = {name: [name] for name in names}
+    if sweep.pack > 1:
+        from .packs import pack_trial, plan_packs, rungs_actor
+
+        # The plan is recorded: a restored Tune run knows its trials by these pack names.
+        plan_file = f"packs/{tune_name}.json"
+        if restore:
+            units = tracking.read_json(parent_id, plan_file)
+        else:
+            units = plan_packs({n: specs[n] for n in names}, sweep.pack)
+            tracking.log_json(parent_id, plan_file, units)
+        rungs = None
+        if sweep.early_stopping is not None:  # ASHA's rule per member (Tune's ASHA would stop whole packs)
+            rungs = f"deitlab-rungs-{parent_id}"
+            actor = rungs_actor(rungs, sweep.early_stopping.grace_period, sweep.early_stopping.reduction_factor,
+                                max(s.optim.epochs for s in specs.values()), sweep.mode)
+        trial_fn = tune.with_parameters(pack_trial, sweep_name=sweep.name, specs=specs, units=units,
+                                        tracking=tracking, parent_id=parent_id, teachers=teachers,
+                                        metric=sweep.metric, rungs=rungs)
+        scheduler, trial_callbacks = None, list(callbacks or [])
+    else:
+        trial_fn = tune.with_parameters(_sweep_trial, sweep_name=sweep.name, specs=specs, tracking=tracking,
+                                        parent_id=parent_id, teachers=teachers)
+        recorder = _stop_recorder(tracking, parent_id, specs, sweep.metric)
+        scheduler, trial_callbacks = _asha(sweep, specs), [recorder, *(callbacks or [])]
     try:
-        results = _run_tuner(trial_fn, names, sweep.experiment.run, tune_name, concurrency(sweep),
-                             [recorder, *(callbacks or [])], _asha(sweep, specs), restore, retry_errored)
+        results = _run_tuner(trial_fn, list(units), sweep.experiment.run, tune_name, concurrency(sweep),
+                             trial_callbacks, scheduler, restore, retry_errored)
     except BaseException:
         _close_interrupted(tracking, parent_id)
         raise
+    finally:
+        if sweep.pack > 1 and sweep.early_stopping is not None:
+            import ray
+
+            ray.kill(actor)
     # A trial whose process died (out of memory, a lost node) could not close its MLflow run: Tune knows why.
-    errors = {r.config["trial"]: r.error for r in results if r.error is not None}
+    errors = {member: r.error for r in results if r.error is not None for member in units.get(r.config["trial"], [])}
     for name, runs in _runs_by_trial(tracking, parent_id).items():
         if name in errors and runs and runs[0].info.status == "RUNNING":
             text = one_line(errors[name], 250)

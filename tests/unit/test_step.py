@@ -129,3 +129,29 @@ def test_pack_key_separates_what_cannot_be_shared(teacher_file):
         assert pack_key(spec) != pack_key(spec.with_overrides(shared)), shared
     with pytest.raises(ValueError, match="share"):
         pack_engine({"a": spec, "b": spec.with_overrides({"run.seed": 1})}, str(teacher_file), device=CPU)
+
+
+def test_bench_step_json_runs_on_cpu_in_seconds(tmp_path):
+    """`deitlab bench step --json` as the GPU box runs it (python -m, no ray/mlflow needed), tiny sizes on CPU."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "deitlab.step_bench", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+               "--repeats", "2", "--pack", "3", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report["results"]) == {"reference", "lean", "packed", "alone", "data", "decode"}
+    for name, timing in report["results"].items():
+        assert len(timing["runs"]) == 2 and timing["min"] <= timing["img_per_s"] <= timing["max"], name
+        assert timing["img_per_s"] > 0
+    ratios = report["ratios"]
+    assert ratios["lean_vs_reference"] == round(report["results"]["lean"]["img_per_s"]
+                                                / report["results"]["reference"]["img_per_s"], 3)
+    assert ratios["packed_trials_per_hour_vs_alone"] == round(3 * report["results"]["packed"]["img_per_s"]
+                                                              / report["results"]["alone"]["img_per_s"], 3)
+    assert report["config"]["batch"] == 8 and "data_vs_lean_step" in ratios
+
+    bad = subprocess.run([*command[:3], "--preset", "huge"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --preset 'huge': one of paper, small, tiny"

@@ -1,0 +1,77 @@
+"""Packed sweeps: trials that share a teacher train as one Ray Train run, yet each is its own MLflow child run,
+stops alone (ASHA, a diverged loss) and records what the same trial records alone."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import TINY_STUDENT, write_yaml
+from deitlab.cli import app
+from deitlab.engine import experiment_engine, pick_device
+from deitlab.models import save_model
+from deitlab.spec import load_sweep
+from deitlab.sweep import planned_trials
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_pack_trains_its_members_as_if_alone_and_stops_them_one_by_one(ray_session, tmp_path):
+    torch.manual_seed(0)
+    teacher = save_model(tmp_path / "teacher.pt", timm.create_model("test_resnet", num_classes=10, in_chans=1),
+                         arch="test_resnet", model_kwargs={}, num_classes=10, in_chans=1)
+    workdir = tmp_path / "work"
+    good = {"distillation.mode": ["none", "soft", "hard"], "teacher": ["convnet"]}
+    hopeless = {"distillation.mode": ["hard"], "teacher": ["convnet"], "optim.lr": [1e-7]}
+    diverging = {"distillation.mode": ["hard"], "teacher": ["convnet"], "optim.lr": [1e9]}
+    raw = {"name": "sw-pack", "pack": 8, "teachers": {"convnet": {"checkpoint": str(teacher)}},
+           "grid": [good, hopeless, diverging], "early_stopping": {"grace_period": 1, "reduction_factor": 2},
+           "experiment": {"name": "packed", "student": TINY_STUDENT, "distillation": {"mode": "none"},
+                          "data": {"augment": {"rotate": 0, "translate": 0, "scale": [1, 1]}},
+                          "optim": {"epochs": 3, "warmup_epochs": 0}, "run": {"workdir": str(workdir)}}}
+    path = write_yaml(tmp_path / "sweep.yaml", json.dumps(raw))
+    specs = planned_trials(load_sweep(path))
+    assert len(specs) == 5
+
+    result = CliRunner().invoke(app, ["sweep", "run", str(path)])
+    assert result.exit_code in (0, 1), result.output  # 1: a trial failed (the diverging one)
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sw-pack").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment], "tags.`deitlab.kind` = 'trial'")}
+    assert sorted(runs) == sorted(specs)
+    packs = {r.data.tags["deitlab.pack"] for r in runs.values()}
+    assert len(packs) == 1 and all(r.data.tags["deitlab.pack_size"] == "5" for r in runs.values())
+    ray_runs = [p for p in (workdir / "ray_results").glob("*/") if p.name.startswith("pack-")]
+    assert len(ray_runs) == 1  # one Ray Train run trained all five
+
+    diverged = runs["hard-convnet-lr1e+09-s0"]
+    assert diverged.info.status == "FAILED"
+    assert diverged.data.tags["deitlab.diverged"].startswith("training loss is not finite at epoch")
+    stopped = runs["hard-convnet-lr1e-07-s0"]
+    assert stopped.info.status == "KILLED" and stopped.data.metrics["epoch"] == 1
+    assert stopped.data.tags["deitlab.stopped_early"].startswith("ASHA at epoch 1 of 3")
+
+    reference = runs["none-s0"]  # first at every rung: never stopped
+    assert reference.info.status == "FINISHED" and reference.data.metrics["epoch"] == 3
+    for name, run in runs.items():
+        spec = specs[name]
+        assert run.data.params["distillation.mode"] == spec.distillation.mode
+        assert run.data.tags["deitlab.mode"] == spec.distillation.mode
+        if run.info.status == "FINISHED":
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+            assert {"evaluation/curves.png", "evaluation/confusion_matrix.json"} <= artifacts, name
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "best_model")] == ["best_model/model.pt"]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc")]
+            assert steps == [1, 2, 3], name
+
+    # The packed record equals the same trial trained alone, with no Ray and no MLflow.
+    spec = specs["none-s0"]
+    alone = list(experiment_engine(spec, str(teacher), device=pick_device(spec.run)).run(3))
+    for key in ("acc", "acc_teacher", "val_loss", "train_loss"):
+        logged = [m.value for m in sorted(client.get_metric_history(reference.info.run_id, key), key=lambda m: m.step)]
+        assert all(math.isclose(a, m[key], rel_tol=1e-5, abs_tol=1e-6) for a, m in zip(logged, alone)), key
