@@ -285,13 +285,16 @@ def _train_epochs(job: TrainJob, engine, rank: int, logged: set[int], metrics_lo
 
 
 # --------------------------------------------------------------------------------------------------- driver side
+def worker_resources(run: RunSpec) -> dict[str, float]:
+    """One worker's Ray resource bundle: CPUs, GPUs and the spec's custom resources."""
+    return {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker > 0 else {}),
+            **run.resources}
+
+
 def scaling_config(run: RunSpec):
     from ray.train import ScalingConfig
 
-    resources = {"CPU": run.cpus_per_worker}
-    if run.gpus_per_worker > 0:
-        resources["GPU"] = run.gpus_per_worker
-    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0, resources_per_worker=resources,
+    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0, resources_per_worker=worker_resources(run),
                          placement_strategy=run.placement.upper())
 
 
@@ -305,13 +308,13 @@ def check_fits(run: RunSpec, trial_cpu: float = 0.0) -> None:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = {"CPU": run.cpus_per_worker, "GPU": run.gpus_per_worker}
+    need = {"GPU": 0.0, **worker_resources(run)}
     fitting = sum(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes)
     total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
-    wanted = {"CPU": run.workers * run.cpus_per_worker + trial_cpu, "GPU": run.workers * run.gpus_per_worker}
-    request = f"{run.workers} worker(s) × {run.cpus_per_worker:g} CPU" + (
-        f" + {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "")
-    cluster = f"{total['CPU']:g} CPU and {total['GPU']:g} GPU on {len(nodes)} node(s)"
+    wanted = {k: run.workers * v for k, v in need.items()}
+    wanted["CPU"] += trial_cpu
+    request = f"{run.workers} worker(s) × " + " + ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
+    cluster = ", ".join(f"{total[k]:g} {k}" for k in need) + f" on {len(nodes)} node(s)"
     if fitting == 0:
         raise SpecError(f"run: {request} can never start: no node of the Ray cluster ({cluster}) fits one worker")
     if run.placement == "strict_spread" and fitting < run.workers:

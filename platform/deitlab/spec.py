@@ -251,6 +251,9 @@ class RunSpec(_Strict):
     workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {\"accelerator_type:H100\": 0.001} or"
+                                          " a resource the cluster's nodes declare (ray start --resources)")
     torch_threads: int = Field(1, gt=0, description="intra-op threads per worker on CPU")
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
@@ -274,6 +277,16 @@ class RunSpec(_Strict):
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         "pack", description="Ray placement of the workers: pack onto few nodes, or spread over nodes")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"'{name}' is set by cpus_per_worker / gpus_per_worker, not run.resources")
+            if amount <= 0:
+                raise ValueError(f"'{name}': expected an amount > 0, got {amount:g}")
+        return resources
 
     @field_validator("workdir")
     @classmethod

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import SpecError, one_line
 from .ray_train import (check_fits, common_tags, fill_from_checkpoint, preflight_teachers, run_tags, tracked_fit,
-                        train_teacher)
+                        train_teacher, worker_resources)
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
 from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
 
@@ -163,8 +163,9 @@ def _fitting_trials(run) -> int:
 
     free = ray.cluster_resources()
     fits = free.get("CPU", 1) // (run.workers * run.cpus_per_worker + TRIAL_CPU)
-    if run.gpus_per_worker > 0:
-        fits = min(fits, free.get("GPU", 0) // (run.workers * run.gpus_per_worker))
+    for name, amount in worker_resources(run).items():
+        if name != "CPU":
+            fits = min(fits, free.get(name, 0) // (run.workers * amount))
     return max(int(fits), 1)
 
 

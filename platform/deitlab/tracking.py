@@ -43,6 +43,7 @@ GIT_ENV = "DEITLAB_GIT_COMMIT"  # set by `sweep submit`: a job's working_dir has
 RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
                                "run.max_failures", "run.placement", "run.checkpoint_every", "run.keep_checkpoints",
                                "run.log_every_steps"})
+RESUMABLE_PREFIXES = ("run.resources.",)  # custom Ray resources, flattened one param per resource
 
 
 def _client(tracking_uri: str):
@@ -216,7 +217,8 @@ class Tracking:
         if run.info.status == "FINISHED":
             raise SpecError(f"--resume: run {run.info.run_id} has already finished")
         changed = sorted(k for k, v in params.items()
-                         if k not in RESUMABLE_CHANGES and run.data.params.get(k) != _recorded(k, v))
+                         if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES)
+                         and run.data.params.get(k) != _recorded(k, v))
         if changed:
             shown = ", ".join(f"{k} ({run.data.params.get(k)} -> {_recorded(k, params[k])})" for k in changed[:4])
             raise SpecError(f"--resume: the spec differs from run {run.info.run_id} in {shown}; resume with the spec"
