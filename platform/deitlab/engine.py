@@ -23,7 +23,8 @@ from .data import BatchPipeline, DataBundle, load_data, make_loaders
 from .distill import (accuracies_from_counts, confusion_counts, ground_truth_loss, head_agreement_counts,
                       head_predictions)
 from .models import student_heads
-from .step import LossConfig, Student, autocast, lean_optimizer, prepare_teacher, teacher_logits, train_step
+from .step import (DIVERGED_REASON, LossConfig, Student, autocast, lean_optimizer, prepare_teacher, teacher_logits,
+                   train_step)
 
 
 @dataclass
@@ -177,7 +178,7 @@ class Engine:
         results = {}
         for student, (loss, base, kd), ok in zip(active, (sums / max(steps, 1)).tolist(), finite):
             if not ok:
-                student.stopped = f"training loss is not finite at epoch {self.epoch}"
+                student.stopped = f"{DIVERGED_REASON} at epoch {self.epoch}"
                 continue
             results[student.name] = {
                 "train_loss": loss, "train_base_loss": base, "train_kd_loss": kd,

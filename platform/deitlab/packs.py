@@ -24,6 +24,7 @@ from .errors import one_line
 from .ray_train import (TrainJob, _read_json, _restore, _system_metrics, _worker_nodes, common_tags,
                         fill_from_history, resolve_init_file, resolve_teacher_file, run_tags, scaling_config)
 from .spec import ExperimentSpec
+from .step import DIVERGED_REASON
 from .tracking import DIVERGED_TAG, KIND_TAG, STOPPED_TAG, SWEEP_TAG, MetricLogger, Tracking
 
 log = logging.getLogger("deitlab.packs")
@@ -204,7 +205,8 @@ def _pack_epochs(job: PackJob, engine, rank: int, world_size: int, loggers: dict
         for student in engine.students:
             if student.stopped and student.name not in announced:
                 announced.add(student.name)
-                tag = STOPPED_TAG if student.name in stops else DIVERGED_TAG
+                # by its reason, not by this epoch's stops: a pack resumed after a crash re-announces old stops
+                tag = DIVERGED_TAG if student.stopped.startswith(DIVERGED_REASON) else STOPPED_TAG
                 job.tracking.try_set_tags(job.run_ids[student.name], {tag: student.stopped})
 
 

@@ -294,36 +294,63 @@ def worker_resources(run: RunSpec) -> dict[str, float]:
 def scaling_config(run: RunSpec):
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0, resources_per_worker=worker_resources(run),
-                         placement_strategy=run.placement.upper())
+    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
+                         resources_per_worker=worker_resources(run), placement_strategy=run.placement.upper())
 
 
-def check_fits(run: RunSpec, trial_cpu: float = 0.0) -> None:
-    """Fail in one line, before anything starts, when the workers can never be placed on this Ray cluster.
+NodeShape = tuple[dict[str, float], float]  # one node's resources, and how many such nodes (inf: no limit)
 
-    Each worker's bundle (CPUs, GPUs) must fit on one node, `strict_spread` needs a node per worker, and all workers
-    (plus a sweep trial's own sliver) must fit the cluster. Checked against the nodes alive now: an autoscaling cluster
-    that would add nodes later is not foreseen.
-    """
+
+def cluster_shapes() -> tuple[list[NodeShape], bool]:
+    """The nodes the Ray cluster has now, plus those its autoscaler may add (its node groups, up to their max count).
+    Returns (shapes, autoscaling)."""
     import ray
+    from ray._private.state import state
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = {"GPU": 0.0, **worker_resources(run)}
-    fitting = sum(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes)
-    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
-    wanted = {k: run.workers * v for k, v in need.items()}
-    wanted["CPU"] += trial_cpu
+    shapes: list[NodeShape] = [(dict(n["Resources"]), 1.0) for n in ray.nodes() if n.get("Alive")]
+    try:
+        config = state.get_cluster_config()  # published by the autoscaler (cluster launcher, KubeRay)
+    except Exception:
+        config = None
+    groups = [(dict(g.resources), float("inf") if g.max_count < 0 else float(g.max_count))
+              for g in (config.node_group_configs if config is not None else []) if g.max_count != 0]
+    return shapes + groups, bool(groups)
+
+
+def placement_problem(run: RunSpec, shapes: list[NodeShape], autoscaling: bool = False) -> str | None:
+    """Why the workers can never be placed on nodes of these shapes, or None when they can.
+
+    Each worker's bundle (CPUs, GPUs, custom resources) must fit on one node, `strict_spread` needs a node per worker,
+    and all workers must fit the cluster at its largest.
+    """
+    need = worker_resources(run)
+    need.setdefault("GPU", 0.0)  # the cluster's GPUs are shown even when a worker needs none
+
+    def fits(node: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0)
+
+    fitting = sum(count for node, count in shapes if fits(node))
+    total = {k: sum(node.get(k, 0.0) * count for node, count in shapes if node.get(k, 0.0) > 0) for k in need}
     request = f"{run.workers} worker(s) × " + " + ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
-    cluster = ", ".join(f"{total[k]:g} {k}" for k in need) + f" on {len(nodes)} node(s)"
+    cluster = ", ".join(f"{total[k]:g} {k}" for k in need) + (" at most, with autoscaling" if autoscaling else
+                                                              f" on {len(shapes)} node(s)")
     if fitting == 0:
-        raise SpecError(f"run: {request} can never start: no node of the Ray cluster ({cluster}) fits one worker")
+        return f"run: {request} can never start: no node of the Ray cluster ({cluster}) fits one worker"
     if run.placement == "strict_spread" and fitting < run.workers:
-        raise SpecError(f"run: {request} with placement strict_spread needs {run.workers} nodes that fit a worker;"
-                        f" the Ray cluster has {fitting}")
-    short = [k for k in need if wanted[k] > total[k] + 1e-9]
-    if short:
-        raise SpecError(f"run: {request} can never start on the Ray cluster ({cluster}): lower run.workers or the"
-                        " resources per worker")
+        return (f"run: {request} with placement strict_spread needs {run.workers} nodes that fit a worker; the Ray"
+                f" cluster has {fitting:g}")
+    if any(run.workers * v > total[k] + 1e-9 for k, v in need.items()):
+        return (f"run: {request} can never start on the Ray cluster ({cluster}): lower run.workers or the resources"
+                " per worker")
+    return None
+
+
+def check_fits(run: RunSpec) -> None:
+    """Fail in one line, before anything starts, when the workers can never be placed on this Ray cluster (counting
+    the nodes its autoscaler may add)."""
+    problem = placement_problem(run, *cluster_shapes())
+    if problem:
+        raise SpecError(problem)
 
 
 def _failure_recorder(job: TrainJob):

@@ -93,6 +93,9 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+DIVERGED_REASON = "training loss is not finite"  # how a diverged student's `stopped` starts; other reasons: stopped
+
+
 class Student:
     """One trainable model with everything that is its own in a pack."""
 

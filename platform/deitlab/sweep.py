@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError, one_line
-from .ray_train import (check_fits, common_tags, fill_from_checkpoint, preflight_teachers, run_tags, tracked_fit,
-                        train_teacher, worker_resources)
+from .ray_train import (check_fits, cluster_shapes, common_tags, fill_from_checkpoint, preflight_teachers, run_tags,
+                        tracked_fit, train_teacher, worker_resources)
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
 from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
 
 log = logging.getLogger("deitlab.sweep")
 
 # The trial function only waits on its TorchTrainer; a sliver of a CPU keeps it from starving the workers.
-TRIAL_CPU = 0.01
+# A trial is a Tune actor that holds its Ray Train controller; it lives on the head node and takes no CPU. A lost
+# worker node (a reclaimed spot instance, a scale-down) then ends only Train workers, which Ray Train restarts from the
+# last checkpoint, while the trial goes on; a CPU-less head (as the cluster configs set up) still hosts trials.
+TRIAL_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.001}
 PLAN_ARTIFACT = "sweep.json"  # the resolved sweep spec, on the parent run
 TUNE_RUN_TAG = "deitlab.tune_run"  # the Tune experiment directory (under the run storage) of the latest start
 DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)
@@ -158,15 +161,16 @@ def _teacher_trial(config: dict[str, Any], specs: dict[str, TeacherTrainingSpec]
 
 
 def _fitting_trials(run) -> int:
-    """How many trials the cluster can run at once; more would only start trial processes that wait for workers."""
-    import ray
-
-    free = ray.cluster_resources()
-    fits = free.get("CPU", 1) // (run.workers * run.cpus_per_worker + TRIAL_CPU)
+    """How many trials the cluster can run at once (at its largest, when it autoscales); more would only start trial
+    processes that wait for workers."""
+    shapes, _ = cluster_shapes()
+    fits = float("inf")
     for name, amount in worker_resources(run).items():
-        if name != "CPU":
-            fits = min(fits, free.get(name, 0) // (run.workers * amount))
-    return max(int(fits), 1)
+        # a worker's bundle sits on one node: count whole bundles per node
+        bundles = sum(count * (node.get(name, 0.0) // amount) for node, count in shapes
+                      if node.get(name, 0.0) >= amount)
+        fits = min(fits, bundles // run.workers)
+    return max(int(min(fits, 10_000)), 1)
 
 
 def concurrency(sweep: SweepSpec) -> int:
@@ -215,7 +219,7 @@ def _run_tuner(trial_fn, names: list[str], run, tune_name: str, max_concurrent: 
     from .checkpoints import Storage
 
     storage = Storage.open(run.resolved_storage)
-    trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(trial_fn, TRIAL_RESOURCES)
     if restore:  # its param space, scheduler and callbacks come from the saved state
         return tune.Tuner.restore(f"{storage.root}/{tune_name}", trainable=trainable, resume_unfinished=True,
                                   restart_errored=retry_errored, storage_filesystem=storage.filesystem).fit()
@@ -252,7 +256,7 @@ class SweepOutcome:
 def _check(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking) -> dict[str, dict[str, Any]]:
     """Everything that can fail before a trial starts: resources, teachers. Returns what is known of the teachers."""
     for spec in specs.values():
-        check_fits(spec.run, TRIAL_CPU)
+        check_fits(spec.run)
     return preflight_teachers(list({s.teacher.label: s.teacher for s in specs.values() if s.teacher}.values()),
                               sweep.experiment.data, tracking, sweep.experiment.init_from)
 
@@ -494,7 +498,7 @@ def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = No
 
     by_name = {s.name: s for s in specs}
     for spec in specs:
-        check_fits(spec.run, TRIAL_CPU)
+        check_fits(spec.run)
     run = specs[0].run
     Tracking.for_run(run).experiment_id()
     results = _run_tuner(tune.with_parameters(_teacher_trial, specs=by_name), list(by_name), run,

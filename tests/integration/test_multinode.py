@@ -1,13 +1,17 @@
-"""Two Ray nodes (two raylets from `ray start`, on this machine) with token authentication; a 2-worker run placed
-STRICT_SPREAD must put one worker on each node, keep its checkpoints in (moto) S3 and finish in MLflow."""
+"""Two Ray nodes (two raylets from `ray start` on this machine, each with its own temp dir) with token
+authentication and the dashboard's Jobs API on the head: a 2-worker run placed STRICT_SPREAD puts one worker on each
+node; a sweep submitted as a Ray Job runs its trials on both nodes (a custom resource each node has once), keeps its
+checkpoints in (moto) S3, and completes when the worker node is killed mid-sweep."""
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,56 +21,72 @@ from conftest import TINY_STUDENT, free_port, s3_client, write_yaml
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+SLOT = {"slot": 1}  # one trial's worker per node: with two trials at once, they must land on both nodes
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """`ray start --block` drains for 30 s on SIGTERM; nothing runs on these nodes any more, so kill the group."""
+    """`ray start --block` drains for 30 s on SIGTERM; kill the node's process group (raylet, workers) at once."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
 
-@pytest.fixture()
-def two_node_cluster(tmp_path):
-    """A head node and a second node, each with one CPU, sharing a fresh auth token (not ~/.ray's)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    port = free_port()
-    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
-    nodes = [subprocess.Popen([str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard",
-                               "false", *common], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "wb"))]
-    address = f"127.0.0.1:{port}"
+@dataclass
+class Cluster:
+    address: str  # the GCS, for `--ray-address`
+    dashboard: str  # the Jobs API, for `sweep submit --address`
+    env: dict
+    worker: subprocess.Popen  # the second node's `ray start --block`
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A head node and a second node, each with 2 CPUs and one `slot`, sharing a fresh auth token (not ~/.ray's).
+    Each node has its own short temp dir (Unix socket paths must stay under 108 bytes)."""
+    logs = tmp_path_factory.mktemp("nodes")
+    temp_dirs = [tempfile.mkdtemp(prefix=f"dl{role}-") for role in ("h", "w")]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    port, dashboard_port, *agent_ports = (free_port() for _ in range(4))
+    common = ["--num-cpus", "2", "--resources", json.dumps(SLOT), "--block", "--disable-usage-stats"]
+    nodes = [subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+         str(dashboard_port), "--dashboard-agent-listen-port", str(agent_ports[0]), "--temp-dir", temp_dirs[0],
+         *common], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(logs / "head.log", "wb"))]
+    address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while subprocess.run([str(BIN / "ray"), "status", "--address", address], env=env,
                              capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and nodes[0].poll() is None, (tmp_path / "head.log").read_text()
+            assert time.monotonic() < deadline and nodes[0].poll() is None, (logs / "head.log").read_text()
             time.sleep(1)
-        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", "--address", address, *common], env=env,
-                                      start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=open(tmp_path / "node.log", "wb")))
-        while "2 node_" not in _active_nodes(address, env):
-            assert time.monotonic() < deadline and nodes[1].poll() is None, (tmp_path / "node.log").read_text()
+        nodes.append(subprocess.Popen(
+            [str(BIN / "ray"), "start", "--address", address, "--dashboard-agent-listen-port", str(agent_ports[1]),
+             "--temp-dir", temp_dirs[1], *common], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=open(logs / "node.log", "wb")))
+        while _active_nodes(address, env) != 2:
+            assert time.monotonic() < deadline and nodes[1].poll() is None, (logs / "node.log").read_text()
             time.sleep(1)
-        yield address, env
+        yield Cluster(address, dashboard, env, nodes[1])
     finally:
         for node in reversed(nodes):
             _stop(node)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
         # `ray start --head` recorded this cluster as the machine's current one; `ray stop` would remove that record
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
 
 
-def _active_nodes(address: str, env: dict) -> str:
+def _active_nodes(address: str, env: dict) -> int:
     status = subprocess.run([str(BIN / "ray"), "status", "--address", address], env=env, capture_output=True,
                             text=True).stdout
-    active = status.split("Active:")[-1].split("Pending:")[0]
-    return f"{active.count('node_')} node_"
+    return status.split("Active:")[-1].split("Pending:")[0].count("node_")
 
 
 def test_two_workers_spread_over_two_nodes_with_checkpoints_in_s3(two_node_cluster, s3_endpoint, tmp_path):
-    address, env = two_node_cluster
+    address, env = two_node_cluster.address, two_node_cluster.env
     s3 = s3_client(s3_endpoint)
     s3.create_bucket(Bucket="deitlab-nodes")
     spec = write_yaml(tmp_path / "spread.yaml", json.dumps({
@@ -87,3 +107,61 @@ def test_two_workers_spread_over_two_nodes_with_checkpoints_in_s3(two_node_clust
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [1, 2]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="deitlab-nodes", Prefix="runs/spread-")["Contents"]]
     assert sum(k.endswith("/manifest.json") for k in keys) == 2 and sum(k.endswith("/state.pt") for k in keys) == 2
+
+
+def _trials(tracking_db: Path, experiment: str) -> dict:
+    client = MlflowClient(f"sqlite:///{tracking_db}")
+    found = client.get_experiment_by_name(experiment) if tracking_db.exists() else None
+    if found is None:
+        return {}
+    return {r.info.run_name: r for r in client.search_runs([found.experiment_id], "tags.`deitlab.kind` = 'trial'")}
+
+
+def test_submitted_sweep_runs_on_both_nodes_and_survives_losing_one(two_node_cluster, s3_endpoint, tmp_path):
+    """Last in this module: it kills the second node."""
+    cluster, workdir = two_node_cluster, tmp_path / "work"
+    s3 = s3_client(s3_endpoint)
+    s3.create_bucket(Bucket="deitlab-sweeps")
+    spec = write_yaml(tmp_path / "nodes.yaml", json.dumps({
+        "name": "nodes", "seeds": [0, 1], "max_concurrent": 2,
+        "experiment": {"student": TINY_STUDENT, "distillation": {"mode": "none"},
+                       "data": {"augment": {"rotate": 0, "translate": 0, "scale": [1, 1]}},
+                       "optim": {"epochs": 4, "warmup_epochs": 0},
+                       "run": {"workdir": str(workdir), "experiment": "nodes", "resources": SLOT, "log_every_steps": 0,
+                               "storage": f"s3://deitlab-sweeps/ray?endpoint_override={s3_endpoint}&scheme=http"}}}))
+    submit = subprocess.Popen([str(BIN / "deitlab"), "sweep", "submit", str(spec), "--address", cluster.dashboard],
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db, deadline = workdir / "mlflow.db", time.monotonic() + 400
+    # Both trials train at once, one on each node, and each has logged (and checkpointed) an epoch.
+    while True:
+        trials = _trials(db, "nodes")
+        nodes = {name: run.data.tags.get("deitlab.worker_nodes") for name, run in trials.items()}
+        if len(trials) == 2 and all(nodes.values()) and all(r.data.metrics.get("epoch", 0) >= 1 for r in trials.values()):
+            break
+        assert submit.poll() is None, submit.stdout.read()[-3000:] + submit.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"trials did not start on both nodes: {nodes}"
+        time.sleep(0.5)
+    assert len(set(nodes.values())) == 2, nodes  # one trial per node: each node has one slot
+    head_node = subprocess.run([sys.executable, "-c", "import ray; ray.init(); print(*[n['NodeID'][:8] for n in"
+                                " ray.nodes() if 'node:__internal_head__' in n['Resources']])"],
+                               env={**cluster.env, "RAY_ADDRESS": cluster.address}, capture_output=True,
+                               text=True).stdout.split()[-1]
+    [on_worker] = [name for name, node in nodes.items() if node != head_node]
+
+    _stop(cluster.worker)  # the second node dies mid-sweep: raylet, its Train worker, everything on it
+    out, err = submit.communicate(timeout=max(deadline - time.monotonic(), 60))
+    assert submit.returncode == 0, out[-3000:] + err[-3000:]
+    assert "Traceback" not in err
+
+    trials = _trials(db, "nodes")
+    assert sorted(trials) == ["s0", "s1"] and all(r.info.status == "FINISHED" for r in trials.values())
+    client = MlflowClient(f"sqlite:///{db}")
+    for name, run in trials.items():  # every epoch once, in order: the lost trial went on from its checkpoint
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [1, 2, 3, 4], name
+    moved = trials[on_worker].data.tags
+    assert int(moved["deitlab.worker_failures"]) >= 1 and moved["deitlab.worker_nodes"] == head_node, moved
+    assert "deitlab.worker_failures" not in trials[({"s0", "s1"} - {on_worker}).pop()].data.tags
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="deitlab-sweeps", Prefix="ray/")["Contents"]]
+    for name in ("s0", "s1"):  # each trial's checkpoints, and Tune's own state, landed in S3
+        assert any(f"/{name}" in k and k.endswith("/manifest.json") for k in keys), (name, keys[:20])
+    assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in keys), keys[:20]
