@@ -13,7 +13,6 @@ pack asks it at rung epochs and stops members outside the top 1/factor so far, r
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 from .checkpoints import Storage, write_checkpoint
 from .errors import one_line
 from .ray_train import (TrainJob, _read_json, _restore, _system_metrics, _worker_nodes, common_tags,
-                        fill_from_history, resolve_init_file, resolve_teacher_file, run_tags, scaling_config)
+                        fill_from_history, open_run_log, resolve_init_file, resolve_teacher_file, run_tags,
+                        scaling_config)
 from .spec import ExperimentSpec
 from .step import DIVERGED_REASON
 from .tracking import DIVERGED_TAG, KIND_TAG, STOPPED_TAG, SWEEP_TAG, MetricLogger, Tracking
@@ -119,24 +119,12 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
     monitors = []
     logged: dict[str, set[int]] = {}
     if rank == 0:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         for student in engine.students:
             run_id = job.run_ids[student.name]
-            loggers[student.name] = MetricLogger(job.tracking, run_id)
+            loggers[student.name], logged[student.name] = open_run_log(job.tracking, run_id, student.history, nodes,
+                                                                       resumed_from, engine.epoch)
             student.on_step = loggers[student.name].log
             monitors.append(_system_metrics(TrainJob(job.specs[student.name], job.tracking, run_id, job.name)))
-            job.tracking.try_set_tags(run_id, {"deitlab.worker_nodes": ",".join(nodes)})
-            try:
-                logged[student.name] = job.tracking.logged_epochs(run_id, strict=True)
-            except Exception:
-                logged[student.name] = {int(m["epoch"]) for m in student.history}
-            for metrics in student.history:
-                if metrics["epoch"] not in logged[student.name]:
-                    loggers[student.name].log(metrics, step=int(metrics["epoch"]))
-                    logged[student.name].add(int(metrics["epoch"]))
-            if resumed_from:
-                job.tracking.record_resume(run_id, resumed_from, engine.epoch)
     try:
         _pack_epochs(job, engine, rank, world_size, loggers, logged)
     finally:

@@ -173,6 +173,34 @@ def _worker_nodes(world_size: int) -> list[str]:
     return nodes
 
 
+def open_run_log(tracking: Tracking, run_id: str, history: list[dict[str, float]], nodes: list[str],
+                 resumed_from: str | None, epoch: int) -> tuple[MetricLogger, set[int]]:
+    """Rank 0 at a (re)start of a run: its metric logger, and the epochs MLflow holds. Tags the ranks' nodes and
+    records a resume from a checkpoint.
+
+    MLflow holds each epoch once: epochs it already has (logged before a failure) are not logged again, and epochs the
+    checkpoint's `history` has but MLflow lacks (a failure between checkpoint and logging) are filled in. When MLflow
+    cannot be asked, nothing is refilled here: the driver fills gaps at the end.
+    """
+    # Rank 0 never waits on MLflow: a call to an unreachable server gives up after ~10 s (MLflow's default is several
+    # minutes of retries) and the metric logger keeps the values until the server is back.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    metrics_log = MetricLogger(tracking, run_id)
+    tracking.try_set_tags(run_id, {"deitlab.worker_nodes": ",".join(nodes)})
+    try:
+        logged = tracking.logged_epochs(run_id, strict=True)
+    except Exception:
+        logged = {int(m["epoch"]) for m in history}
+    for metrics in history:
+        if int(metrics["epoch"]) not in logged:
+            metrics_log.log(metrics, step=int(metrics["epoch"]))
+            logged.add(int(metrics["epoch"]))
+    if resumed_from:
+        tracking.record_resume(run_id, resumed_from, epoch)
+    return metrics_log, logged
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One rank: build the engine, resume, then per epoch report (+ checkpoint) and log to MLflow exactly once."""
     import ray.train
@@ -198,28 +226,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics_log = system_monitor = None
     logged: set[int] = set()
     if tracked:
-        # Rank 0 never waits on MLflow: a call to an unreachable server gives up after ~10 s (MLflow's default is
-        # several minutes of retries) and the metric logger keeps the values until the server is back.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        metrics_log = MetricLogger(job.tracking, job.run_id)
+        metrics_log, logged = open_run_log(job.tracking, job.run_id, engine.history, nodes, resumed_from, engine.epoch)
         engine.on_step = metrics_log.log
         system_monitor = _system_metrics(job)
-        job.tracking.try_set_tags(job.run_id, {"deitlab.worker_nodes": ",".join(nodes)})
-        # MLflow holds each epoch once: epochs it already has (logged before a failure) are not logged again, and
-        # epochs the checkpoint has but MLflow lacks (a failure between checkpoint and logging) are filled in from
-        # its history. When MLflow cannot be asked, nothing is refilled here: the driver fills gaps at the end.
-        try:
-            logged = job.tracking.logged_epochs(job.run_id, strict=True)
-        except Exception:
-            logged = {int(m["epoch"]) for m in engine.history}
-        for metrics in engine.history:
-            if metrics["epoch"] not in logged:
-                metrics_log.log(metrics, step=int(metrics["epoch"]))
-                logged.add(metrics["epoch"])
         if resumed_from:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", job.name, resumed_from, engine.epoch)
-            job.tracking.record_resume(job.run_id, resumed_from, engine.epoch)
 
     try:
         _train_epochs(job, engine, rank, logged, metrics_log)
@@ -301,23 +312,45 @@ def scaling_config(run: RunSpec):
 NodeShape = tuple[dict[str, float], float]  # one node's resources, and how many such nodes (inf: no limit)
 
 
-def cluster_shapes() -> tuple[list[NodeShape], bool]:
-    """The nodes the Ray cluster has now, plus those its autoscaler may add (its node groups, up to their max count).
-    Returns (shapes, autoscaling)."""
+def cluster_shapes() -> tuple[list[NodeShape], bool, bool]:
+    """The nodes the Ray cluster has now, plus those its autoscaler may add (its node groups, up to their max count,
+    where the autoscaler publishes them). Returns (shapes, autoscaling, whether nodes of unknown shapes may be added)."""
     import ray
     from ray._private.state import state
 
     shapes: list[NodeShape] = [(dict(n["Resources"]), 1.0) for n in ray.nodes() if n.get("Alive")]
     try:
-        config = state.get_cluster_config()  # published by the autoscaler (cluster launcher, KubeRay)
+        config = state.get_cluster_config()
     except Exception:
         config = None
     groups = [(dict(g.resources), float("inf") if g.max_count < 0 else float(g.max_count))
               for g in (config.node_group_configs if config is not None else []) if g.max_count != 0]
-    return shapes + groups, bool(groups)
+    unknown = not groups and _autoscaler_adds_nodes()
+    return shapes + groups, bool(groups) or unknown, unknown
 
 
-def placement_problem(run: RunSpec, shapes: list[NodeShape], autoscaling: bool = False) -> str | None:
+def _autoscaler_adds_nodes() -> bool:
+    """Whether an autoscaler may add nodes of its own node types (the cluster launcher's, KubeRay's). Ray 2.60's
+    autoscalers do not publish their node groups' shapes (state.get_cluster_config() stays empty): v1 names its node
+    types in its status (a cluster without an autoscaler config shows only `node_<id>` types), and v2 runs only where
+    KubeRay or the launcher enabled it."""
+    import json
+
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
+    except Exception:
+        return False
+    types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(not str(name).startswith("node_") for name in types.values())
+
+
+def placement_problem(run: RunSpec, shapes: list[NodeShape], autoscaling: bool = False,
+                      unknown_nodes: bool = False) -> str | None:
     """Why the workers can never be placed on nodes of these shapes, or None when they can.
 
     Each worker's bundle (CPUs, GPUs, custom resources) must fit on one node, `strict_spread` needs a node per worker,
@@ -325,6 +358,8 @@ def placement_problem(run: RunSpec, shapes: list[NodeShape], autoscaling: bool =
     """
     need = worker_resources(run)
     need.setdefault("GPU", 0.0)  # the cluster's GPUs are shown even when a worker needs none
+    if unknown_nodes:
+        return None  # an autoscaler may add nodes of shapes not known here: nothing can be ruled out
 
     def fits(node: dict[str, float]) -> bool:
         return all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0)

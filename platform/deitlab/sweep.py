@@ -163,7 +163,9 @@ def _teacher_trial(config: dict[str, Any], specs: dict[str, TeacherTrainingSpec]
 def _fitting_trials(run) -> int:
     """How many trials the cluster can run at once (at its largest, when it autoscales); more would only start trial
     processes that wait for workers."""
-    shapes, _ = cluster_shapes()
+    shapes, _, unknown_nodes = cluster_shapes()
+    if unknown_nodes:
+        return 10_000  # the autoscaler adds nodes as trials wait for them: max_concurrent (or the plan) decides
     fits = float("inf")
     for name, amount in worker_resources(run).items():
         # a worker's bundle sits on one node: count whole bundles per node

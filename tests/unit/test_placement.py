@@ -48,3 +48,10 @@ def test_run_resources_reject_builtin_names_and_empty_amounts(resources, message
 
     with pytest.raises(SpecError, match=message):
         _run(resources=resources)
+
+
+def test_nothing_is_ruled_out_when_an_autoscaler_may_add_nodes_of_unknown_shapes():
+    """Ray 2.60's autoscalers do not publish their node groups: a CPU-only head then says nothing about GPU nodes."""
+    gpu_workers = _run(workers=4, gpus_per_worker=1)
+    assert placement_problem(gpu_workers, [CPU_HEAD], autoscaling=True, unknown_nodes=True) is None
+    assert placement_problem(gpu_workers, [CPU_HEAD]) is not None
