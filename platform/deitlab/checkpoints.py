@@ -7,7 +7,8 @@ not match it (an interrupted upload, a truncated file), is skipped with a warnin
 Storage is a pyarrow filesystem (what Ray Train itself writes through): a local path, or
 `s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http` for MinIO, moto or any S3-compatible endpoint.
 Credentials come from the environment of each process (AWS_ACCESS_KEY_ID, profiles, instance roles), never the spec.
-This module needs torch and pyarrow only.
+This module needs torch and pyarrow only; torch is imported where checkpoints are written or read, so checking a
+storage URI (the CLI does it before anything starts) stays quick.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import torch
 
 from .errors import SpecError, one_line
 
@@ -48,6 +47,8 @@ def _sha256(path: Path) -> str:
 
 def write_checkpoint(directory: str | Path, state: dict[str, Any], *, extra_files: tuple[str, ...] = ()) -> None:
     """Write state.pt, then the manifest (last: its presence marks the directory complete)."""
+    import torch
+
     directory = Path(directory)
     torch.save(state, directory / STATE_FILE)
     files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
@@ -81,6 +82,8 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 def read_checkpoint(directory: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """The verified training state in a checkpoint directory (tensors only: weights_only=True)."""
+    import torch
+
     verify_checkpoint(directory)
     try:
         return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
@@ -88,7 +91,99 @@ def read_checkpoint(directory: str | Path, map_location: Any = "cpu") -> dict[st
         raise BadCheckpoint(f"{STATE_FILE} does not load: {one_line(err, 200)}") from None
 
 
+def torch_file_problem(path: str | Path) -> str | None:
+    """Why the file at `path` cannot be one torch.save wrote, judged from its bytes without importing torch (a
+    truncated download or a file of something else then fails at once, in words a user can act on); None when it may
+    be one, and torch.load decides."""
+    import zipfile
+
+    path = Path(path)
+    if zipfile.is_zipfile(path):  # torch.save's format since 1.6: its directory sits at the end of the file
+        return None
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+    except OSError as err:  # no permission, a broken link
+        return f"cannot read it: {err.strerror or type(err).__name__}"
+    if not head:
+        return "empty file"
+    if head == b"PK":
+        return "truncated: its zip directory is missing"
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format
+        return None
+    return "not a file torch.save wrote"
+
+
+def model_file(path: str | Path) -> Path:
+    """The file a model path names — the path, or the one .pt file in a folder (an MLflow model's downloaded
+    artifacts) — checked without torch: it exists and may be a file torch.save wrote. SpecError in one line
+    otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.pt"))
+        if len(files) != 1:
+            raise SpecError(f"{path}: expected one .pt model file in the directory, found {len(files)}")
+        path = files[0]
+    if not path.is_file():
+        raise SpecError(f"{path}: no such model checkpoint")
+    problem = torch_file_problem(path)
+    if problem:
+        raise SpecError(f"{path}: not a readable model checkpoint ({problem})")
+    return path
+
+
+def student_file(path: str | Path) -> Path:
+    """The file an `init_from` path names — a checkpoint folder's state.pt, a model file, or the one .pt in a folder
+    without state.pt — checked without torch like model_file."""
+    path = Path(path)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        try:
+            return model_file(path)
+        except SpecError as err:
+            raise SpecError(f"init_from {err}") from None
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise SpecError(f"init_from {path}: no such checkpoint")
+    problem = torch_file_problem(path)
+    if problem:
+        raise SpecError(f"init_from {path}: not a readable checkpoint ({problem})")
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------ storage
+def _aws_profiles(path: Path, config: bool) -> set[str]:
+    """Profile names in an AWS credentials or config file (config names them `[profile NAME]`, but `[default]`)."""
+    import configparser
+
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return set()
+    return {name.removeprefix("profile ").strip() if config else name for name in parser.sections()}
+
+
+def check_aws_credentials(what: str) -> None:
+    """The AWS_* credentials in this environment are complete and name a profile that exists. The SDKs would
+    otherwise fail later, far from the cause: boto3 with ProfileNotFound deep inside MLflow, pyarrow's SDK by
+    passing over half a key pair to whatever other credentials it finds (or none). SpecError in one line, naming
+    `what` needed them."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if bool(key) != bool(secret):
+        given, missing = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key else ("AWS_SECRET_ACCESS_KEY",
+                                                                                    "AWS_ACCESS_KEY_ID")
+        raise SpecError(f"{what}: {given} is set but {missing} is not; set both, or neither to use a profile or an"
+                        " instance role")
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    if profile:
+        home = Path.home() / ".aws"
+        credentials = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials")
+        config = Path(os.environ.get("AWS_CONFIG_FILE") or home / "config")
+        if profile not in _aws_profiles(credentials, config=False) | _aws_profiles(config, config=True):
+            raise SpecError(f"{what}: AWS_PROFILE '{profile}' is in neither {credentials} nor {config}")
+
+
 def _with_region(uri: str) -> str:
     """pyarrow needs a region for custom endpoints (else it asks AWS); add the environment's or us-east-1."""
     parts = urlsplit(uri)
@@ -118,6 +213,9 @@ class Storage:
 
         try:
             if uri.startswith("s3://"):
+                if not urlsplit(uri).netloc:
+                    raise SpecError(f"{what} '{uri}': no bucket; expected s3://bucket/prefix")
+                check_aws_credentials(f"{what} '{uri}'")
                 filesystem, root = pafs.FileSystem.from_uri(_with_region(uri))
             elif "://" in uri and not uri.startswith("file://"):
                 raise SpecError(f"{what} '{uri}': expected a local path or s3://bucket/prefix")
@@ -132,6 +230,32 @@ class Storage:
         except Exception as err:  # unreachable endpoint, no such bucket, denied, bad URI
             raise SpecError(f"{what} '{uri}': {one_line(err)}") from None
         return cls(filesystem, root.rstrip("/"), uri)
+
+    @classmethod
+    def probe(cls, uri: str, what: str = "run.storage") -> Storage:
+        """`open` without writing: the bucket exists (S3), or the nearest existing folder on the way to the root is a
+        folder this process may write in (local). What the CLI checks before Ray starts or anything is created."""
+        import pyarrow.fs as pafs
+
+        storage = cls.open(uri, create=False, what=what)
+        if isinstance(storage.filesystem, pafs.LocalFileSystem):
+            existing = Path(storage.root)
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir():
+                raise SpecError(f"{what} '{uri}': exists and is not a folder" if str(existing) == storage.root
+                                else f"{what} '{uri}': '{existing}' is a file, not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise SpecError(f"{what} '{uri}': cannot write in '{existing}'")
+            return storage
+        bucket = storage.root.split("/")[0]
+        try:
+            found = storage.filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
+        except Exception as err:  # unreachable endpoint, denied
+            raise SpecError(f"{what} '{uri}': {one_line(err)}") from None
+        if not found:
+            raise SpecError(f"{what} '{uri}': bucket '{bucket}' does not exist")
+        return storage
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -14,10 +14,29 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .errors import SpecError, TrainingDiverged
+from .errors import SpecError, TrainingDiverged, one_line
 
-app = typer.Typer(help="DeiT-style distillation experiments on Ray, tracked in MLflow.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+class _OneLineUsageErrors(typer.Typer):
+    """The console script: click's own usage errors (an unknown option, a missing argument, a value of the wrong type)
+    end in one `error: …` line and exit 2 too, like every other bad input, instead of click's usage box."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # click's errors as Typer raises them; usage errors have exit code 2
+            if type(e).__name__ != "NoArgsIsHelpError":  # `deitlab sweep` alone printed its help: nothing to add
+                ctx = getattr(e, "ctx", None)
+                where = f"; see `{ctx.command_path} --help`" if ctx is not None and e.exit_code == 2 else ""
+                _error(e.format_message().rstrip(".") + where)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # what click's standalone mode does
+
+
+app = _OneLineUsageErrors(help="DeiT-style distillation experiments on Ray, tracked in MLflow.",
+                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 teacher_app = typer.Typer(help="Train and register teachers.", no_args_is_help=True)
 sweep_app = typer.Typer(help="Plan and run sweeps.", no_args_is_help=True)
 data_app = typer.Typer(help="Data packs: image folders as Parquet shards for the GPU data path.", no_args_is_help=True)
@@ -45,6 +64,13 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def _error(message: str) -> None:
+    """One `error: …` line on stderr, whatever the message holds (newlines, [brackets] rich would read as markup)."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
 def handled(fn):
     """Turn SpecError into one line + exit 2; keep Ctrl-C quiet."""
     @functools.wraps(fn)
@@ -54,10 +80,10 @@ def handled(fn):
         try:
             return fn(*args, **kwargs)
         except SpecError as e:
-            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(2) from None
         except TrainingDiverged as e:
-            err.print(f"[red]error:[/] training diverged: {e}", highlight=False, soft_wrap=True)
+            _error(f"training diverged: {e}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -74,15 +100,111 @@ def _workdir_overrides(workdir: Optional[Path], prefix: str = "run.") -> dict:
 
 
 def _ray(address: Optional[str], *runs) -> None:
-    """Check each run's storage (a bad URI fails in one line before Ray starts), then start or join Ray."""
-    from .checkpoints import Storage
+    """Check where the runs go and the cluster's address (_check_targets), then start or join Ray."""
+    _check_targets(address, *runs)
+    _start_ray(address)
+
+
+def _start_ray(address: Optional[str]) -> None:
+    what = "--ray-address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+
     from .ray_train import ensure_ray
 
-    for run in runs:
-        Storage.open(run.resolved_storage)
+    with err.status("starting Ray…" if not address else "connecting to Ray…"):
+        try:
+            ensure_ray(address)
+        except (ConnectionError, TimeoutError, ValueError) as e:  # what ray.init raises for a cluster it cannot join
+            raise SpecError(f"{what} '{address}': cannot join a Ray cluster there ({one_line(e, 200)})") from None
 
-    with err.status("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray…"):
-        ensure_ray(address)
+
+def _check_targets(address: Optional[str], *runs) -> None:
+    """Each run's storage can be written and its S3 credentials are complete, and the Ray cluster's address answers:
+    checked without writing anything (a bad one fails in one line before Ray starts or a folder is made)."""
+    from .checkpoints import Storage, check_aws_credentials
+
+    for run in runs:
+        Storage.probe(run.resolved_storage)
+        if (run.artifacts or "").startswith("s3://"):  # MLflow's boto3 needs them; it would fail only at the end
+            check_aws_credentials(f"run.artifacts '{run.artifacts}'")
+    if address or os.environ.get("RAY_ADDRESS"):
+        _check_ray_address(address or os.environ["RAY_ADDRESS"], "--ray-address" if address else "RAY_ADDRESS")
+
+
+def _check_ray_address(address: str, what: str) -> None:
+    """A Ray cluster address that can be joined: HEAD:6379 (the GCS) or ray://HEAD:10001 (Ray Client), with something
+    listening. ray.init would retry an address where nothing listens for minutes, printing a warning every few
+    seconds; a dashboard URL (what `sweep submit --address` takes) is the usual mix-up."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise SpecError(f"{what} '{address}': that is a dashboard URL (for `sweep submit --address`); give the"
+                        " cluster's GCS address, HEAD:6379, or ray://HEAD:10001")
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host = port = None
+    if parts.scheme not in ("gcs", "ray") or not host or port is None:
+        raise SpecError(f"{what} '{address}': expected HEAD:PORT (the GCS, e.g. 10.0.0.5:6379) or ray://HEAD:10001")
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except TimeoutError:
+        raise SpecError(f"{what} '{address}': no Ray cluster answers there (no answer within 5 s)") from None
+    except OSError as e:  # refused, unknown host, unreachable network
+        raise SpecError(f"{what} '{address}': no Ray cluster answers there ({e.strerror or type(e).__name__})"
+                        ) from None
+
+
+def _preflight(*specs) -> None:
+    """What the driver can check on this machine before anything starts or is written: every image of an image
+    folder decodes; local teacher checkpoints and `init_from` files load and fit the data (architecture, classes,
+    channels). Ray Train's own preflight repeats the teacher checks later, also for MLflow model URIs. `specs` are
+    experiments (a sweep's trials) or teacher trainings; each data set, file and teacher is checked once. Missing,
+    truncated and foreign files fail before torch is imported."""
+    from .checkpoints import model_file, student_file
+    from .shards import check_readable
+
+    data_sets: list = []  # (data spec, its loaded bundle or None)
+    done: list = []  # init_from files and (teacher, data) pairs already checked
+
+    def bundle(data):
+        from .data import load_data
+
+        index = next(i for i, (known, _) in enumerate(data_sets) if known == data)
+        if data_sets[index][1] is None:
+            data_sets[index] = (data, load_data(data))
+        return data_sets[index][1]
+
+    for spec in specs:
+        if all(known != spec.data for known, _ in data_sets):
+            if spec.data.path:  # digits and synthetic data have nothing to check
+                with err.status(f"checking the {spec.data.dataset} data at {spec.data.path}…"):
+                    check_readable(spec.data)  # an image folder: every image is decoded once
+            data_sets.append((spec.data, None))
+        init_from = getattr(spec, "init_from", None)
+        # runs:/ and models:/ need MLflow: Ray Train's preflight has them
+        if init_from and not init_from.startswith(("runs:/", "models:/")) and init_from not in done:
+            student_file(init_from)
+            from .models import student_weights
+
+            student_weights(init_from)  # loads, and refuses weights that are not a DeiT student's
+            done.append(init_from)
+        teacher = getattr(spec, "teacher", None)
+        if teacher is not None and teacher.checkpoint and (teacher, spec.data) not in done:
+            try:
+                model_file(teacher.checkpoint)
+                from .models import load_teacher
+
+                fitted = bundle(spec.data)
+                load_teacher(teacher.checkpoint, num_classes=fitted.num_classes, in_chans=fitted.in_chans,
+                             arch=teacher.arch, model_kwargs=teacher.model_kwargs)
+            except SpecError as e:  # say whose file it is: a sweep's teachers have names
+                raise SpecError(f"teacher '{teacher.name}': {e}" if teacher.name else f"teacher: {e}") from None
+            done.append((teacher, spec.data))
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -130,7 +252,6 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
           run_id: Annotated[Optional[str], typer.Option(help="with --resume: the MLflow run to continue")] = None
           ) -> None:
     """Train one student (or baseline) with Ray Train; metrics and checkpoints every epoch."""
-    from .ray_train import train_experiment
     from .spec import load_experiment, parse_set
 
     if run_id and not resume:
@@ -139,12 +260,16 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
     if workers is not None:
         overrides["run.workers"] = workers
     experiment = load_experiment(spec, overrides)
+    _check_targets(ray_address, experiment.run)  # before Ray Train and MLflow are imported: a few seconds sooner
+    _preflight(experiment)
+    from .ray_train import train_experiment
+
     if resume:  # a run that cannot be resumed fails before Ray starts
         from .tracking import Tracking
 
         run_id = Tracking.for_run(experiment.run).resumable_run(experiment.name, experiment.flat_params(),
                                                                 run_id).info.run_id
-    _ray(ray_address, experiment.run)
+    _start_ray(ray_address)
     verb = "resuming" if resume else "training"
     with err.status(f"{verb} '{experiment.name}' on {experiment.run.workers} worker(s)…"):
         outcome = train_experiment(experiment, resume=resume, run_id=run_id)
@@ -168,17 +293,24 @@ def teacher_train(specs: list[Path],
 
     overrides = {**parse_set(set_), **_workdir_overrides(workdir)}
     loaded = [load_teacher_training(s, overrides) for s in specs]
-    _ray(ray_address, *(t.run for t in loaded))
+    _check_teacher_names(loaded)
+    _check_targets(ray_address, *(t.run for t in loaded))
+    _preflight(*loaded)
+    _start_ray(ray_address)
     _train_teachers(loaded)
+
+
+def _check_teacher_names(loaded) -> None:
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):  # each is registered under its name: one would hide the other
+        raise SpecError(f"teacher names must differ, got {', '.join(names)}")
 
 
 def _train_teachers(loaded) -> None:
     from .sweep import train_teachers
     from .tracking import Tracking
 
-    names = [t.name for t in loaded]
-    if len(set(names)) != len(names):
-        raise SpecError(f"teacher names must differ, got {', '.join(names)}")
+    _check_teacher_names(loaded)
     with _table("teachers", {t.name: t.optim.epochs for t in loaded}) as table:
         failed = train_teachers(loaded, callbacks=[table])
     if failed:
@@ -214,7 +346,9 @@ def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help=
     from .spec import load_sweep, parse_set
 
     loaded = load_sweep(sweep, {**parse_set(set_), **_workdir_overrides(workdir, "experiment.run.")})
-    _ray(ray_address, loaded.experiment.run)
+    _check_targets(ray_address, loaded.experiment.run)
+    _preflight(*(spec for _, spec in loaded.trial_specs()))
+    _start_ray(ray_address)
     _run_sweep(loaded)
 
 
@@ -390,10 +524,10 @@ def sweep_stop(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: Tra
     from .sweep import DRIVER_TAG, driver_state
 
     if address:
-        from .jobs import stop_jobs
-
+        from .jobs import check_dashboard_url, stop_jobs
         from .spec import load_sweep
 
+        check_dashboard_url(address)
         name = load_sweep(sweep).name if sweep.endswith((".yaml", ".yml", ".json")) else sweep
         stopped = stop_jobs(address, name)
         if not stopped:
@@ -424,9 +558,10 @@ def sweep_submit(sweep: Path,
                  no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False
                  ) -> None:
     """Submit a sweep to a Ray cluster as a Ray Job (entrypoint: the same `sweep run`) and follow its log."""
-    from .jobs import connect, follow, submit_sweep
+    from .jobs import check_dashboard_url, connect, follow, submit_sweep
     from .spec import load_sweep, parse_set
 
+    check_dashboard_url(address)
     loaded = load_sweep(sweep, {**parse_set(set_), **_workdir_overrides(workdir, "experiment.run.")})
     connect(address)
     run = loaded.experiment.run
@@ -477,7 +612,7 @@ def data_pack(src: Annotated[Path, typer.Argument(help="image folder: train/ and
     from .shards import DEFAULT_SHARD_ROWS, pack_imagefolder
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:  # no stray line in logs
         task = bar.add_task("scanning", total=None)
         result = pack_imagefolder(src, dest, shard_rows=DEFAULT_SHARD_ROWS if shard_rows is None else shard_rows,
                                   overwrite=overwrite, progress=lambda stage, done, total: bar.update(
@@ -503,12 +638,14 @@ def report(sweep: Annotated[str, typer.Argument(help="a sweep spec file, or a sw
     """The ablation table (DeiT Table 3 shape), the teacher comparison and plots of a sweep, from MLflow."""
     import re
 
-    from .report import build_report, check_out_dir, render, write_report
-
-    # options first: a bad one fails in one line before MLflow is opened
+    # options first: a bad one fails in one line before MLflow is opened (or imported)
     written_as = {"table": ("md",), "json": ("json",), "html": ("html",)}
     if format not in written_as:
         raise SpecError(f"--format '{format}': expected table, json or html")
+    if tracking_uri:
+        _checked_tracking_uri(tracking_uri)
+    from .report import build_report, check_out_dir, render, write_report
+
     if out_dir is not None:
         out_dir = check_out_dir(out_dir, "--out")
     name, tracking = _located(sweep, workdir, tracking_uri, experiment)

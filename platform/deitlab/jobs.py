@@ -17,19 +17,33 @@ from typing import Callable
 
 from .errors import SpecError, one_line
 from .spec import SweepSpec
-from .sweep import JOB_ENV
-from .tracking import GIT_ENV, git_commit
 
 SWEEP_METADATA = "deitlab.sweep"
 SPEC_FILE = "sweep.json"
 AGENT_WAIT_S = 180  # a head node that just started takes a while to start its job agent
 
 
+def check_dashboard_url(address: str) -> str:
+    """A Ray dashboard URL, http(s)://HEAD[:PORT]; SpecError in one line otherwise. Asked before the sweep is loaded
+    or Ray imported: a mistyped address is the quickest thing to report."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # a port that is not a number, or out of range
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError(f"--address '{address}': expected the Ray dashboard's URL, e.g. http://HEAD:8265")
+    if not port_ok:
+        raise SpecError(f"--address '{address}': the port is not a number from 1 to 65535")
+    return address
+
+
 def connect(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    if not address.startswith(("http://", "https://")):
-        raise SpecError(f"--address '{address}': expected the Ray dashboard's URL, e.g. http://HEAD:8265")
+    check_dashboard_url(address)
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # unreachable, not a Ray dashboard, refused token
@@ -40,6 +54,9 @@ def connect(address: str):
 def submit_sweep(sweep: SweepSpec, address: str) -> str:
     """Submit `deitlab sweep run` of the resolved spec as a Ray Job; returns the job's submission id."""
     import deitlab
+
+    from .sweep import JOB_ENV
+    from .tracking import GIT_ENV, git_commit
 
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package …" on every submission

@@ -1,4 +1,5 @@
-"""Students (timm DeiT, with or without the distillation token) and frozen teachers. torch + timm only."""
+"""Students (timm DeiT, with or without the distillation token) and frozen teachers. torch + timm only (timm is
+imported where models are built: checking a model file needs torch alone)."""
 from __future__ import annotations
 
 import os
@@ -6,10 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
+from .checkpoints import model_file, student_file
 from .errors import SpecError
 
 CHECKPOINT_FORMAT = "deitlab.model/1"
@@ -17,6 +18,8 @@ CHECKPOINT_FORMAT = "deitlab.model/1"
 
 def build_student(student, distillation, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
     """A timm DeiT; `VisionTransformerDistilled` when the distillation token is used."""
+    import timm
+
     name = student.timm_name(distillation.uses_token)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               **student.timm_kwargs(img_size))
@@ -26,6 +29,8 @@ def build_student(student, distillation, num_classes: int, in_chans: int, img_si
 
 
 def build_classifier(arch: str, model_kwargs: dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
+    import timm
+
     try:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
     except TypeError as err:
@@ -98,14 +103,7 @@ def write_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], *, a
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():  # an MLflow artifact directory holding one model file
-        files = sorted(path.rglob("*.pt"))
-        if len(files) != 1:
-            raise SpecError(f"{path}: expected one .pt model file in the directory, found {len(files)}")
-        path = files[0]
-    if not path.is_file():
-        raise SpecError(f"{path}: no such model checkpoint")
+    path = model_file(path)  # a folder's one .pt file; missing, truncated and foreign files fail here
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
@@ -135,20 +133,25 @@ def load_teacher(path: str | Path, *, num_classes: int, in_chans: int, arch: str
 
 def student_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A student's weights from a deitlab checkpoint (its directory or state.pt) or a deitlab model file."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "state.pt").is_file():
-            return read_model_file(path)["state_dict"]
-        path = path / "state.pt"
+    path = student_file(path)  # missing, truncated and foreign files fail here
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise SpecError(f"init_from {path}: not a readable checkpoint ({type(err).__name__})") from None
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        return payload["model"]
+        return _deit_weights(payload["model"], path, "a checkpoint")
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        return payload["state_dict"]
+        return _deit_weights(payload["state_dict"], path, f"a '{payload.get('arch')}' model file")
     raise SpecError(f"init_from {path}: neither a deitlab checkpoint nor a deitlab model file")
+
+
+def _deit_weights(weights: dict[str, torch.Tensor], path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Weights a DeiT student can start from. init_student keeps every weight that does not fit fresh, so another
+    architecture's file (a teacher's, say) would silently train from scratch: refuse it instead."""
+    if not {"pos_embed", "patch_embed.proj.weight"} <= weights.keys():
+        raise SpecError(f"init_from {path}: {what} without a ViT's patch and position embeddings, not a DeiT"
+                        " student's weights")
+    return weights
 
 
 def init_student(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:

@@ -1,5 +1,6 @@
 """Packed data sets: an image folder as Parquet shards on a local disk or S3, read back in streamed batches of JPEG
-bytes that gpu_augment.py decodes on the training device. torch, pyarrow and PIL only.
+bytes that gpu_augment.py decodes on the training device. torch, pyarrow and PIL only; torch is imported only where
+batches are read, so packing and checking an image folder start quickly.
 
 A pack at DEST (a folder, or s3://bucket/prefix with the endpoint as in checkpoints.Storage):
 
@@ -23,15 +24,17 @@ import threading
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .checkpoints import Storage
 from .errors import SpecError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "deitlab.pack/1"
 META_FILE = "meta.json"
@@ -59,24 +62,25 @@ def check_pack_uri(uri: str, what: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- pack
-def scan_imagefolder(src: str | Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+def scan_imagefolder(src: str | Path, what: str | None = None) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     """(classes, {split: [(path relative to src, label)]}) in ImageFolder's order; SpecError for a folder it would
-    reject, or one whose train/ and val/ disagree on the classes."""
+    reject, or one whose train/ and val/ disagree on the classes. Messages start with `what` (default: pack source)."""
+    what = what or f"pack source '{src}'"
     root = Path(src).expanduser()
     if not root.is_dir():
-        raise SpecError(f"pack source '{src}': no such folder")
+        raise SpecError(f"{what}: no such folder")
     found = {}
     for split in SPLITS:
         if not (root / split).is_dir():
-            raise SpecError(f"pack source '{src}': no '{split}/' folder (expected train/ and val/, each with one"
+            raise SpecError(f"{what}: no '{split}/' folder (expected train/ and val/, each with one"
                             " folder per class)")
         found[split] = sorted(e.name for e in os.scandir(root / split) if e.is_dir())
         if not found[split]:
-            raise SpecError(f"pack source '{src}': '{split}/' has no class folders")
+            raise SpecError(f"{what}: '{split}/' has no class folders")
     if found["train"] != found["val"]:
         only_train = sorted(set(found["train"]) - set(found["val"]))
         only_val = sorted(set(found["val"]) - set(found["train"]))
-        raise SpecError(f"pack source '{src}': train/ and val/ have different class folders (only in train:"
+        raise SpecError(f"{what}: train/ and val/ have different class folders (only in train:"
                         f" {', '.join(only_train) or 'none'}; only in val: {', '.join(only_val) or 'none'})")
     classes, samples, empty = found["train"], {}, []
     for split in SPLITS:
@@ -90,7 +94,7 @@ def scan_imagefolder(src: str | Path) -> tuple[list[str], dict[str, list[tuple[s
             if len(samples[split]) == before:
                 empty.append(f"{split}/{name}")
     if empty:
-        raise SpecError(f"pack source '{src}': class folder(s) without images: {', '.join(empty[:5])}"
+        raise SpecError(f"{what}: class folder(s) without images: {', '.join(empty[:5])}"
                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
     return classes, samples
 
@@ -112,6 +116,60 @@ def _inspect(path: Path) -> tuple[bool, str | None]:
         return False, one_line(err, 120)
 
 
+def _check_images(root: Path, files: list[str], pool: ThreadPoolExecutor,
+                  report: Progress) -> tuple[list[bool], list[str]]:
+    """Decode every file (see _inspect): (stored as is, per file) and 'path (reason)' for each one that fails."""
+    checked, bad = [], []
+    for n, (as_is, error) in enumerate(pool.map(lambda f: _inspect(root / f), files), 1):
+        checked.append(as_is)
+        if error:
+            bad.append(f"{files[n - 1]} ({error})")
+        if n % 64 == 0 or n == len(files):
+            report("checking images", n, len(files))
+    return checked, bad
+
+
+def check_imagefolder(src: str | Path, what: str, workers: int | None = None) -> int:
+    """An image folder training can read to the end: its layout (as scan_imagefolder) and every image decoding, so
+    a corrupt file fails before training starts rather than in a data loader hours in. Returns the number of images.
+    JPEGs are decoded at 1/8 scale (see _inspect), on threads; a data pack is checked once, when it is packed.
+
+    A folder that passed is remembered by a fingerprint of its files (paths, sizes, modification times) in the user's
+    cache: the next run over the unchanged folder only lists and stats it (ImageNet's decode takes minutes)."""
+    root = Path(src).expanduser().resolve()
+    _, samples = scan_imagefolder(src, what)
+    files = [path for split in SPLITS for path, _ in samples[split]]
+    fingerprint = hashlib.sha256()
+    for name in files:
+        stat = (root / name).stat()
+        fingerprint.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    passed = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deitlab" / "checked-imagefolders"
+    marker = passed / f"{fingerprint.hexdigest()}.ok"
+    if marker.is_file():
+        return len(files)
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        _, bad = _check_images(root, files, pool, lambda stage, done, total: None)
+    if bad:
+        raise SpecError(f"{what}: {len(bad)} file(s) do not decode, e.g. {bad[0]}")
+    try:
+        passed.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{root}\n", encoding="utf-8")
+    except OSError:  # a read-only home: the folder is checked again next time
+        pass
+    return len(files)
+
+
+def check_readable(data) -> None:
+    """Fail in one line, before training starts, on data (a DataSpec) a worker could not read to the end: an image
+    folder with an image that does not decode (a truncated download, a web page saved as .jpg), a pack whose
+    meta.json is missing or whose storage cannot be reached. Nothing is loaded into memory; digits and synthetic
+    data pass. No torch: the CLI asks this before anything heavy is imported."""
+    if data.dataset == "imagefolder":
+        check_imagefolder(data.path, f"imagefolder '{data.path}'")
+    elif data.dataset == "parquet":
+        ParquetPack(data.path)  # reads meta.json only
+
+
 def _encoded(path: Path, as_is: bool) -> bytes:
     """The bytes stored for a file: the JPEG itself, or the image converted to RGB (like ImageFolder's loader) and
     encoded as a JPEG of quality 95 without chroma subsampling."""
@@ -131,14 +189,10 @@ def _destination(dest: str, src: Path, overwrite: bool) -> Storage:
     import pyarrow.fs as pafs
 
     check_pack_uri(dest, "pack destination")
-    storage = Storage.open(dest, create=False, what="pack destination")
+    storage = Storage.probe(dest, what="pack destination")
     fs = storage.filesystem
     try:
-        if dest.startswith("s3://"):
-            bucket = storage.root.split("/")[0]
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise SpecError(f"pack destination '{dest}': bucket '{bucket}' does not exist")
-        else:
+        if not dest.startswith("s3://"):
             root = Path(storage.root)
             if root.exists() and not root.is_dir():
                 raise SpecError(f"pack destination '{dest}': exists and is not a folder")
@@ -223,13 +277,7 @@ def pack_imagefolder(src: str | Path, dest: str, *, shard_rows: int = DEFAULT_SH
     storage = _destination(dest, root, overwrite)
     files = [(split, path) for split in SPLITS for path, _ in samples[split]]
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        checked, bad = [], []
-        for n, (as_is, error) in enumerate(pool.map(lambda f: _inspect(root / f[1]), files), 1):
-            checked.append(as_is)
-            if error:
-                bad.append(f"{files[n - 1][1]} ({error})")
-            if n % 64 == 0 or n == len(files):
-                report("checking images", n, len(files))
+        checked, bad = _check_images(root, [path for _, path in files], pool, report)
         if bad:
             raise SpecError(f"pack source '{src}': {len(bad)} file(s) do not decode, e.g. {bad[0]}")
         try:
@@ -383,6 +431,8 @@ class ParquetImages:
 
     def rows(self, indices) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The rows at `indices` (any order, repeats allowed): JPEG bytes as 1-D uint8 tensors, labels as int64."""
+        import torch
+
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
@@ -408,6 +458,8 @@ class ParquetImages:
 
 def _tensors(array: pa.BinaryArray) -> list[torch.Tensor]:
     """A binary array as views into one uint8 tensor (one copy; page-locked when CUDA is there, for nvJPEG)."""
+    import torch
+
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset: array.offset + len(array) + 1]
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
     blob = torch.empty(len(data), dtype=torch.uint8, pin_memory=torch.cuda.is_available())

@@ -316,7 +316,7 @@ class RunSpec(_Strict):
             raise ValueError("run.artifacts takes s3://bucket/prefix or a directory, without credentials or query"
                              " options (the S3 endpoint comes from AWS_ENDPOINT_URL)")
         if "://" in uri and not uri.startswith(("s3://", "file://", "gs://", "wasbs://")):
-            raise ValueError(f"run.artifacts '{uri}': expected s3://bucket/prefix or a directory")
+            raise ValueError(f"'{uri}': expected s3://bucket/prefix or a directory")
         return uri if "://" in uri and not uri.startswith("file://") else Path(_absolute(uri.removeprefix("file://"))).as_uri()
 
     _known_metric = field_validator("checkpoint_metric")(_epoch_metric)
@@ -666,7 +666,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         try:
             overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
-            raise SpecError(f"--set '{item}': value is not valid YAML ({_first_line(err)})") from None
+            raise SpecError(f"--set '{item}': value is not valid YAML ({_yaml_problem(err)})") from None
     return overrides
 
 
@@ -698,14 +698,27 @@ def validate(model: type[_Strict], raw: Any, source: str = "spec"):
         raise SpecError(f"{source}: {problems}") from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what, as a user reads it: `line 3, column 5: found character '\\t' …` (PyYAML's own text also
+    names the "<unicode string>" it parsed and draws a caret on further lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or not problem:
+        return _first_line(err)
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise SpecError(f"{path}: a folder, not a spec file")
     if not p.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: malformed YAML: {_first_line(err)}") from None
+        raise SpecError(f"{path}: malformed YAML at {_yaml_problem(err)}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file") from None
     if raw is None:
@@ -715,8 +728,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+# Top-level keys only one kind of spec has: a spec of another kind given to a command names the right command.
+_KIND_KEYS = {"sweep": ("grid", "teachers", "space", "seeds", "experiment"), "teacher": ("arch",),
+              "experiment": ("student", "teacher", "distillation", "init_from")}
+_COMMANDS = {"sweep": "deitlab sweep run", "teacher": "deitlab teacher train", "experiment": "deitlab train"}
+
+
+def _wrong_kind(model: type[_Strict], raw: dict[str, Any], path: str | Path) -> None:
+    """A sweep given to `train` (or any kind to the wrong command) says so, instead of listing unknown fields."""
+    wanted = {ExperimentSpec: "experiment", SweepSpec: "sweep", TeacherTrainingSpec: "teacher"}.get(model)
+    article = {"experiment": "an", "sweep": "a", "teacher": "a"}
+    for kind, keys in _KIND_KEYS.items():
+        found = [k for k in keys if k in raw]
+        if kind != wanted and found and not (model is SweepSpec and "experiment" in raw):
+            raise SpecError(f"{path}: {article[kind]} {kind} spec (it has '{found[0]}'), not {article[wanted]}"
+                            f" {wanted} spec; use `{_COMMANDS[kind]}` (or `deitlab check --kind {kind}`)")
+
+
 def load(model: type[_Strict], path: str | Path, overrides: dict[str, Any] | None = None):
     raw = read_yaml(path)
+    _wrong_kind(model, raw, path)
     if model is SweepSpec and isinstance(raw.get("experiment"), str):  # a sweep may point at an experiment file
         raw["experiment"] = read_yaml(Path(path).parent / raw["experiment"])
     for key, value in (overrides or {}).items():

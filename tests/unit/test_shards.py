@@ -19,7 +19,7 @@ from deitlab import gpu_augment as G
 from deitlab.cli import app
 from deitlab.data import data_fingerprint, load_data
 from deitlab.errors import SpecError
-from deitlab.shards import ParquetBatches, ParquetPack, pack_imagefolder
+from deitlab.shards import ParquetBatches, ParquetPack, check_imagefolder, pack_imagefolder
 from deitlab.spec import DataSpec, ExperimentSpec, validate
 
 CLASSES = ("ant", "bee", "cat")
@@ -341,3 +341,16 @@ def test_cli_pack_writes_then_refuses_to_overwrite_and_hides_credentials(folder,
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
         assert "hunter2" not in result.output and "Traceback" not in result.output
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == before and not (tmp_path / "d2").exists()
+
+
+def test_a_folder_that_passed_is_not_decoded_again_until_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "imgs")
+    n = check_imagefolder(root, "imgs")
+    assert check_imagefolder(root, "imgs") == n  # remembered
+    [marker] = (tmp_path / "cache" / "deitlab" / "checked-imagefolders").iterdir()
+    assert n == 38 and marker.suffix == ".ok"  # 36 JPEGs + the PNG + the grey JPEG; notes.txt is not an image
+    victim = root / "train" / "ant" / "00.jpg"
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated: its size (the fingerprint) changes
+    with pytest.raises(SpecError, match=r"imgs: 1 file\(s\) do not decode"):
+        check_imagefolder(root, "imgs")
