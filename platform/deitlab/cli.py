@@ -119,12 +119,16 @@ def _start_ray(address: Optional[str]) -> None:
 
 
 def _check_targets(address: Optional[str], *runs) -> None:
-    """Each run's storage can be written and its S3 credentials are complete, and the Ray cluster's address answers:
+    """Each run's storage can be written and its S3 credentials are complete, its tracking server answers and takes
+    the credentials, and the Ray cluster's address answers:
     checked without writing anything (a bad one fails in one line before Ray starts or a folder is made)."""
     from .checkpoints import Storage, check_aws_credentials
 
+    from .tracking import check_tracking_server
+
     for run in runs:
         Storage.probe(run.resolved_storage)
+        check_tracking_server(run.resolved_tracking_uri)
         if (run.artifacts or "").startswith("s3://"):  # MLflow's boto3 needs them; it would fail only at the end
             check_aws_credentials(f"run.artifacts '{run.artifacts}'")
     if address or os.environ.get("RAY_ADDRESS"):
@@ -421,11 +425,14 @@ def _located(sweep: str, workdir: Optional[Path], tracking_uri: Optional[str], e
 
 def _checked_tracking_uri(uri: str) -> str:
     from .spec import check_tracking_uri
+    from .tracking import check_tracking_server
 
     try:
-        return check_tracking_uri(uri)
+        checked = check_tracking_uri(uri)
     except ValueError as err:
         raise SpecError(f"--tracking-uri: {err}") from None
+    check_tracking_server(checked)
+    return checked
 
 
 SweepArg = Annotated[str, typer.Argument(help="a sweep name, or its spec file")]

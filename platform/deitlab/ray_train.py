@@ -62,8 +62,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # A local Ray is never preempted (spot reclaim); its watcher would be one more process per trial.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # One logical CPU more than the cores: room for the sweep trials' 0.01-CPU controller slivers, so N cores
-        # still run N one-CPU workers at once.
+        # One logical CPU more than the cores: a worker waiting on MLflow or a checkpoint upload leaves its core to
+        # another.
         # address="local": always a new local Ray, never one a stale /tmp/ray/ray_current_cluster points at.
         # The dashboard serves Ray's state API, which Train's placement-group cleaner needs: without it the workers'
         # placement group of a trial that ASHA stopped is never removed, and a long sweep runs out of CPUs. Its port

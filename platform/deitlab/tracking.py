@@ -46,6 +46,34 @@ RESUMABLE_CHANGES = frozenset({"run.workers", "run.cpus_per_worker", "run.gpus_p
 RESUMABLE_PREFIXES = ("run.resources.",)  # custom Ray resources, flattened one param per resource
 
 
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """A tracking server (http/https URI) answers and accepts this environment's credentials (MLFLOW_TRACKING_USERNAME
+    / _PASSWORD, or MLFLOW_TRACKING_TOKEN): one request, no retries, before Ray starts or anything is written.
+    MLflow's client would retry an unreachable server for minutes."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            given = f"user '{user}'" if user and password else "no MLFLOW_TRACKING_USERNAME / _PASSWORD"
+            raise SpecError(f"MLflow at {uri} refused the credentials (HTTP {err.code}, {given}): set"
+                            " MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        # another status (an old server, a proxy's quirk): MLflow's own client decides later
+    except (OSError, ValueError) as err:
+        raise SpecError(f"MLflow at {uri}: cannot reach the tracking server ({one_line(err, 200)})") from None
+
+
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 

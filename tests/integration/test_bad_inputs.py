@@ -241,6 +241,10 @@ CASES = [
          "error: --tracking-uri: credentials do not belong in the tracking URI; set MLFLOW_TRACKING_USERNAME and "
          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment", secret="hunter2secret"),
     # ----------------------------------------------------------------------------------------- cluster address
+    Case("cluster-tracking-server-unreachable", "cluster address", "`deitlab train exp.yaml --set"
+                                                                " run.tracking_uri=http://127.0.0.1:PORT` (no server)",
+         ("train", "exp.yaml", "--set", "run.tracking_uri=http://127.0.0.1:{port}"),
+         "error: MLflow at http://127.0.0.1:{port}: cannot reach the tracking server", {"exp.yaml": EXP}),
     Case("cluster-submit-without-scheme", "cluster address", "`deitlab sweep submit sweep.yaml --address head:8265`",
          ("sweep", "submit", "sweep.yaml", "--address", "head:8265"),
          "error: --address 'head:8265': expected the Ray dashboard's URL, e.g. http://HEAD:8265",
