@@ -124,12 +124,7 @@ def model_file(path: str | Path) -> Path:
         if len(files) != 1:
             raise SpecError(f"{path}: expected one .pt model file in the directory, found {len(files)}")
         path = files[0]
-    if not path.is_file():
-        raise SpecError(f"{path}: no such model checkpoint")
-    problem = torch_file_problem(path)
-    if problem:
-        raise SpecError(f"{path}: not a readable model checkpoint ({problem})")
-    return path
+    return _torch_file(path, "", "model checkpoint")
 
 
 def student_file(path: str | Path) -> Path:
@@ -143,11 +138,16 @@ def student_file(path: str | Path) -> Path:
             raise SpecError(f"init_from {err}") from None
     if path.is_dir():
         path = path / STATE_FILE
+    return _torch_file(path, "init_from ", "checkpoint")
+
+
+def _torch_file(path: Path, prefix: str, what: str) -> Path:
+    """`path` if it is a file torch.save may have written; SpecError '{prefix}{path}: …' naming `what` otherwise."""
     if not path.is_file():
-        raise SpecError(f"init_from {path}: no such checkpoint")
+        raise SpecError(f"{prefix}{path}: no such {what}")
     problem = torch_file_problem(path)
     if problem:
-        raise SpecError(f"init_from {path}: not a readable checkpoint ({problem})")
+        raise SpecError(f"{prefix}{path}: not a readable {what} ({problem})")
     return path
 
 

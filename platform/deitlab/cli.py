@@ -120,10 +120,9 @@ def _start_ray(address: Optional[str]) -> None:
 
 def _check_targets(address: Optional[str], *runs) -> None:
     """Each run's storage can be written and its S3 credentials are complete, its tracking server answers and takes
-    the credentials, and the Ray cluster's address answers:
-    checked without writing anything (a bad one fails in one line before Ray starts or a folder is made)."""
+    the credentials, and the Ray cluster's address answers: checked without writing anything (a bad one fails in one
+    line before Ray starts or a folder is made)."""
     from .checkpoints import Storage, check_aws_credentials
-
     from .tracking import check_tracking_server
 
     for run in runs:
