@@ -74,6 +74,27 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
         raise SpecError(f"MLflow at {uri}: cannot reach the tracking server ({one_line(err, 200)})") from None
 
 
+def _create_sqlite_store(tracking_uri: str) -> None:
+    """Create a new SQLite store whole, then put it in place: MLflow builds its tables by migrations, and another
+    process that opens the file meanwhile (a trial, `deitlab sweep status`, `mlflow ui`) runs them too and one of the
+    two fails (duplicate column). An existing store file is then always a complete one."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if path.exists() or not path.parent.is_dir():
+        return
+    from mlflow import MlflowClient
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)  # creates and migrates it
+    try:
+        os.link(partial, path)  # never replaces a store another process put there first
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -82,7 +103,7 @@ def _client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
     os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     _s3_endpoint_for_mlflow()
-
+    _create_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -47,9 +47,7 @@ def two_node_cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("nodes")
     temp_dirs = [tempfile.mkdtemp(prefix=f"dl{role}-") for role in ("h", "w")]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           # a killed node is declared dead after ~3 s instead of ~15 s: the node-loss test waits less
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     port, dashboard_port, *agent_ports = (free_port() for _ in range(4))
     common = ["--num-cpus", "2", "--resources", json.dumps(SLOT), "--block", "--disable-usage-stats"]
     nodes = [subprocess.Popen(
@@ -58,7 +56,7 @@ def two_node_cluster(tmp_path_factory):
          *common], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(logs / "head.log", "wb"))]
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # the 2 cores are shared with the rest of the suite
         while subprocess.run([str(BIN / "ray"), "status", "--address", address], env=env,
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and nodes[0].poll() is None, (logs / "head.log").read_text()
@@ -137,7 +135,7 @@ def test_submitted_sweep_runs_on_both_nodes_and_survives_losing_one(two_node_clu
                                "storage": f"s3://deitlab-sweeps/ray?endpoint_override={s3_endpoint}&scheme=http"}}}))
     submit = subprocess.Popen([str(BIN / "deitlab"), "sweep", "submit", str(spec), "--address", cluster.dashboard],
                               env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    db, deadline = workdir / "mlflow.db", time.monotonic() + 400
+    db, deadline = workdir / "mlflow.db", time.monotonic() + 600
     # Both trials train at once, one on each node, and each has logged (and checkpointed) an epoch.
     while True:
         trials = _trials(db, "nodes")

@@ -32,6 +32,8 @@ def _sweep(tmp_path: Path, name: str, workdir: Path, epochs: int = 2, **fields) 
 
 
 def _children(workdir: Path, experiment: str) -> list:
+    if not (workdir / "mlflow.db").exists():  # not created yet by the driver: opening it would create it here
+        return []
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -166,3 +166,19 @@ def test_run_figures_and_confusion_record(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = confusion_json([[3, 1], [0, 0]], "fused")
     assert record["per_class_accuracy"] == [0.75, None] and record["head"] == "fused"
+
+
+def test_a_new_sqlite_store_appears_whole_and_an_existing_one_is_never_replaced(tmp_path):
+    from deitlab.tracking import _create_sqlite_store
+
+    store = tmp_path / "mlflow.db"
+    _create_sqlite_store(f"sqlite:///{store}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no partial file left behind
+    import sqlite3
+
+    tables = {r[0] for r in sqlite3.connect(store).execute("select name from sqlite_master where type='table'")}
+    assert {"experiments", "runs", "metrics", "alembic_version"} <= tables  # migrated before it was put in place
+    other = tmp_path / "other.db"
+    other.write_bytes(b"someone else's")
+    _create_sqlite_store(f"sqlite:///{other}")
+    assert other.read_bytes() == b"someone else's"
