@@ -28,7 +28,6 @@ from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
 
 log = logging.getLogger("deitlab.sweep")
 
-# The trial function only waits on its TorchTrainer; a sliver of a CPU keeps it from starving the workers.
 # A trial is a Tune actor that holds its Ray Train controller; it lives on the head node and takes no CPU. A lost
 # worker node (a reclaimed spot instance, a scale-down) then ends only Train workers, which Ray Train restarts from the
 # last checkpoint, while the trial goes on; a CPU-less head (as the cluster configs set up) still hosts trials.
