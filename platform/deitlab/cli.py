@@ -313,7 +313,6 @@ def _train_teachers(loaded) -> None:
     from .sweep import train_teachers
     from .tracking import Tracking
 
-    _check_teacher_names(loaded)
     with _table("teachers", {t.name: t.optim.epochs for t in loaded}) as table:
         failed = train_teachers(loaded, callbacks=[table])
     if failed:

@@ -380,10 +380,11 @@ def placement_problem(run: RunSpec, shapes: list[NodeShape], autoscaling: bool =
     return None
 
 
-def check_fits(run: RunSpec) -> None:
-    """Fail in one line, before anything starts, when the workers can never be placed on this Ray cluster (counting
-    the nodes its autoscaler may add)."""
-    problem = placement_problem(run, *cluster_shapes())
+def check_fits(*runs: RunSpec) -> None:
+    """Fail in one line, before anything starts, when the workers of any of `runs` can never be placed on this Ray
+    cluster (counting the nodes its autoscaler may add). The cluster is asked once."""
+    shapes = cluster_shapes()
+    problem = next(filter(None, (placement_problem(run, *shapes) for run in runs)), None)
     if problem:
         raise SpecError(problem)
 

@@ -256,8 +256,7 @@ class SweepOutcome:
 
 def _check(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Tracking) -> dict[str, dict[str, Any]]:
     """Everything that can fail before a trial starts: resources, teachers. Returns what is known of the teachers."""
-    for spec in specs.values():
-        check_fits(spec.run)
+    check_fits(*(spec.run for spec in specs.values()))
     return preflight_teachers(list({s.teacher.label: s.teacher for s in specs.values() if s.teacher}.values()),
                               sweep.experiment.data, tracking, sweep.experiment.init_from)
 
@@ -498,8 +497,7 @@ def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = No
     from ray import tune
 
     by_name = {s.name: s for s in specs}
-    for spec in specs:
-        check_fits(spec.run)
+    check_fits(*(spec.run for spec in specs))
     run = specs[0].run
     Tracking.for_run(run).experiment_id()
     results = _run_tuner(tune.with_parameters(_teacher_trial, specs=by_name), list(by_name), run,
