@@ -132,6 +132,36 @@ def _check_targets(address: Optional[str], *runs) -> None:
             check_aws_credentials(f"run.artifacts '{run.artifacts}'")
     if address or os.environ.get("RAY_ADDRESS"):
         _check_ray_address(address or os.environ["RAY_ADDRESS"], "--ray-address" if address else "RAY_ADDRESS")
+    _leave_ray_job_dir(runs)
+
+
+_RAY_JOB_DIRS = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+
+
+def _leave_ray_job_dir(runs) -> None:
+    """Under `ray job submit --working-dir DIR`, this process starts in Ray's unpacked copy of DIR, a temporary folder
+    Ray owns and removes (cache clean-up, a new session) — reported removed under a running job on a two-node
+    cluster, where MLflow's client then failed in os.getcwd(). Records kept there would be lost with it: a run whose MLflow
+    store, checkpoints or artifacts would land inside is refused (a relative --workdir does that). Then the process
+    moves to a folder that stays; every path it uses was made absolute when its spec was loaded."""
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:
+        return
+    if _RAY_JOB_DIRS not in f"{cwd}{os.sep}":
+        return
+    for run in runs:
+        local = {"the MLflow store": "" if run.tracking_uri else str(run.workdir_path / "mlflow.db"),
+                 "checkpoints": run.resolved_storage,
+                 "artifacts": run.artifacts or ("" if run.tracking_uri else str(run.workdir_path / "mlartifacts"))}
+        paths = {what: Path(uri.removeprefix("file://")) for what, uri in local.items()
+                 if uri and "://" not in uri.removeprefix("file://")}
+        lost = [(what, path) for what, path in paths.items() if path.resolve().is_relative_to(cwd)]
+        if lost:
+            what, path = lost[0]
+            raise SpecError(f"{what} would be kept in {path}, inside this Ray job's temporary working_dir, which Ray"
+                            " deletes: give an absolute --workdir outside it (or run.tracking_uri and run.storage)")
+    os.chdir(Path.home() if Path.home().is_dir() else Path("/"))
 
 
 def _check_ray_address(address: str, what: str) -> None:

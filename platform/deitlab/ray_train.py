@@ -243,7 +243,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         job.tracking.try_set_tags(job.run_id, {DIVERGED_TAG: str(err)})
     finally:
         if system_monitor is not None:
-            system_monitor.finish()
+            try:
+                system_monitor.finish()
+            except Exception as err:  # the run trained: a lost last sample is only a warning
+                log.warning("the last system metrics were not recorded (%s)", one_line(err, 200))
         if metrics_log is not None:
             metrics_log.close()
 
@@ -254,8 +257,21 @@ def _system_metrics(job: TrainJob):
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(job.run_id, sampling_interval=5, resume_logging=True,
-                                       tracking_uri=job.tracking.tracking_uri)
+        class FlushingMonitor(SystemMetricsMonitor):
+            """MLflow's monitor drops the samples of its last, unfinished interval, so a run shorter than one
+            interval would record no system metrics at all: at the end, one more sample is taken and what was
+            collected since the last publication is logged."""
+
+            def finish(self):
+                running = self._process is not None
+                super().finish()  # stops and joins the sampling thread, flushes what it queued
+                if running:
+                    self.collect_metrics()
+                    self.publish_metrics(self.aggregate_metrics())
+                    self.mlflow_logger.flush()
+
+        monitor = FlushingMonitor(job.run_id, sampling_interval=5, resume_logging=True,
+                                  tracking_uri=job.tracking.tracking_uri)
         monitor.start()
         return monitor
     except Exception as err:

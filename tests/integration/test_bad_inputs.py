@@ -42,6 +42,7 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)  # written into the case's folder first; "@name": an asset
     env: dict[str, str | None] = field(default_factory=dict)  # None: removed from the environment
     secret: str | None = None  # text the command was given that must not be printed back
+    cwd: str = ""  # where in the case's folder the command runs
 
 
 # ------------------------------------------------------------------------------------------------------ the specs
@@ -55,6 +56,8 @@ AWS_FILES = {"aws/credentials": "[default]\naws_access_key_id = AKIAEXAMPLEKEY00
 # moto takes any key; both are set here so that a case can take one away
 S3 = {"AWS_ENDPOINT_URL": "http://{s3}", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY000000",
       "AWS_SECRET_ACCESS_KEY": "example/secret/key/000000000000000000"}
+
+RAY_JOB_DIR = "session/runtime_resources/working_dir_files/_ray_pkg_0a1b2c3d"  # where Ray unpacks a job's working_dir
 
 CASES = [
     # -------------------------------------------------------------------------------------------------- specs
@@ -240,6 +243,13 @@ CASES = [
          ("report", "my-sweep", "--tracking-uri", "https://mlflow.internal/?token=hunter2secret"),
          "error: --tracking-uri: credentials do not belong in the tracking URI; set MLFLOW_TRACKING_USERNAME and "
          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment", secret="hunter2secret"),
+    Case("storage-workdir-in-ray-job-dir", "storage URI", "`ray job submit --working-dir . -- deitlab train exp.yaml"
+                                                         " --workdir work`: a relative work directory, inside the"
+                                                         " job's temporary copy of `.`",
+         ("train", "exp.yaml", "--workdir", "work"),
+         "error: the MLflow store would be kept in {dir}/" + RAY_JOB_DIR + "/work/mlflow.db, inside this Ray job's"
+         " temporary working_dir, which Ray deletes: give an absolute --workdir outside it (or run.tracking_uri and"
+         " run.storage)", {RAY_JOB_DIR + "/exp.yaml": EXP}, cwd=RAY_JOB_DIR),
     # ----------------------------------------------------------------------------------------- cluster address
     Case("cluster-tracking-server-unreachable", "cluster address", "`deitlab train exp.yaml --set"
                                                                 " run.tracking_uri=http://127.0.0.1:PORT` (no server)",
@@ -456,7 +466,7 @@ def _run(case: Case, folder: Path, values: dict[str, str]) -> list[str]:
     time.sleep(0.01)  # a write right after the snapshot still gets a later mtime
     started = time.monotonic()
     try:
-        result = subprocess.run([str(DEITLAB), *(_fill(a, values) for a in case.args)], cwd=folder, env=env,
+        result = subprocess.run([str(DEITLAB), *(_fill(a, values) for a in case.args)], cwd=folder / case.cwd, env=env,
                                 capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return [f"still running after {TIMEOUT_S} s"]

@@ -113,12 +113,63 @@ def test_two_workers_spread_over_two_nodes_with_checkpoints_in_s3(two_node_clust
     assert sum(k.endswith("/manifest.json") for k in keys) == 2 and sum(k.endswith("/state.pt") for k in keys) == 2
 
 
+def test_stock_ray_job_submit_runs_a_sweep_on_both_nodes(two_node_cluster, tmp_path):
+    """`ray job submit --working-dir DIR -- deitlab sweep run …`, Ray's own client: the job starts in Ray's temporary
+    copy of DIR. A relative --workdir would keep the records there, where Ray deletes them: refused in one line. An
+    absolute one: the sweep finishes, its trials spread over both nodes, everything recorded under it."""
+    cluster, job_dir, workdir = two_node_cluster, tmp_path / "job", tmp_path / "work"
+    job_dir.mkdir()
+    write_yaml(job_dir / "sweep.yaml", json.dumps({
+        "name": "stock", "seeds": [0, 1], "max_concurrent": 2,
+        "experiment": {"student": TINY_STUDENT, "distillation": {"mode": "none"},
+                       "optim": {"epochs": 2, "warmup_epochs": 0},
+                       "run": {"experiment": "stock", "resources": SLOT, "log_every_steps": 0}}}))
+
+    def submit(workdir_arg: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir",
+                               str(job_dir), "--", "deitlab", "sweep", "run", "sweep.yaml", "--workdir", workdir_arg],
+                              env=cluster.env, capture_output=True, text=True, timeout=600)
+
+    refused = submit("relative-work")
+    assert refused.returncode != 0  # the job failed
+    log = refused.stdout + refused.stderr
+    assert "error: the MLflow store would be kept in" in log and "temporary working_dir" in log, log[-3000:]
+    assert "Traceback" not in log
+    assert not (job_dir / "relative-work").exists()
+
+    done = submit(str(workdir))
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-3000:]
+    assert "Traceback" not in log
+    trials = _trials(workdir / "mlflow.db", "stock")
+    assert sorted(trials) == ["s0", "s1"] and all(r.info.status == "FINISHED" for r in trials.values())
+    assert len({r.data.tags["deitlab.worker_nodes"] for r in trials.values()}) == 2  # one trial on each node
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for run in trials.values():
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [1, 2]
+    assert len(list((workdir / "ray_results").glob("s*-*/checkpoint_*/manifest.json"))) >= 2
+
+
 def _trials(tracking_db: Path, experiment: str) -> dict:
     client = MlflowClient(f"sqlite:///{tracking_db}")
     found = client.get_experiment_by_name(experiment) if tracking_db.exists() else None
     if found is None:
         return {}
     return {r.info.run_name: r for r in client.search_runs([found.experiment_id], "tags.`deitlab.kind` = 'trial'")}
+
+
+def _checkpointed(s3, run_dir: str) -> int:
+    """The newest epoch with a complete checkpoint in S3 under `run_dir` (0: none yet)."""
+    epochs = [0]
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="deitlab-sweeps", Prefix="ray/"):
+        for obj in page.get("Contents", []):
+            if run_dir in obj["Key"] and obj["Key"].endswith("/manifest.json"):
+                try:
+                    body = s3.get_object(Bucket="deitlab-sweeps", Key=obj["Key"])["Body"].read()
+                except s3.exceptions.NoSuchKey:  # an old checkpoint Ray removed meanwhile
+                    continue
+                epochs.append(json.loads(body)["epoch"])
+    return max(epochs)
 
 
 def test_submitted_sweep_runs_on_both_nodes_and_survives_losing_one(two_node_cluster, s3_endpoint, tmp_path):
@@ -130,25 +181,35 @@ def test_submitted_sweep_runs_on_both_nodes_and_survives_losing_one(two_node_clu
         "name": "nodes", "seeds": [0, 1], "max_concurrent": 2,
         "experiment": {"student": TINY_STUDENT, "distillation": {"mode": "none"},
                        "data": {"augment": {"rotate": 0, "translate": 0, "scale": [1, 1]}},
-                       "optim": {"epochs": 5, "warmup_epochs": 0},
+                       "optim": {"epochs": 6, "warmup_epochs": 0},
                        "run": {"workdir": str(workdir), "experiment": "nodes", "resources": SLOT, "log_every_steps": 0,
                                "storage": f"s3://deitlab-sweeps/ray?endpoint_override={s3_endpoint}&scheme=http"}}}))
     submit = subprocess.Popen([str(BIN / "deitlab"), "sweep", "submit", str(spec), "--address", cluster.dashboard],
                               env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db, deadline = workdir / "mlflow.db", time.monotonic() + 600
-    # Both trials train at once, one on each node, and each has logged (and checkpointed) an epoch.
+    # Both trials train at once, one on each node (each rank 0 tags its node when it starts).
     while True:
         trials = _trials(db, "nodes")
         nodes = {name: run.data.tags.get("deitlab.worker_nodes") for name, run in trials.items()}
-        if len(trials) == 2 and all(nodes.values()) and all(r.data.metrics.get("epoch", 0) >= 1 for r in trials.values()):
+        if len(trials) == 2 and all(nodes.values()):
             break
         assert submit.poll() is None, submit.stdout.read()[-3000:] + submit.stderr.read()[-3000:]
         assert time.monotonic() < deadline, f"trials did not start on both nodes: {nodes}"
         time.sleep(0.5)
     assert len(set(nodes.values())) == 2, nodes  # one trial per node: each node has one slot
     [on_worker] = [name for name, node in nodes.items() if node != cluster.head_node]
+    # The kill lands right after that trial's first checkpoint reached S3, an event, whatever the machine's speed:
+    # the trial then has a checkpoint to go on from and epochs left to train.
+    run_dir = f"/{on_worker}-{trials[on_worker].info.run_id[:8]}/"
+    while _checkpointed(s3, run_dir) < 1:
+        assert submit.poll() is None, submit.stdout.read()[-3000:] + submit.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{on_worker} wrote no checkpoint"
+        time.sleep(0.1)
+    checkpointed = _checkpointed(s3, run_dir)
     _stop(cluster.worker)  # the second node dies mid-sweep: raylet, its Train worker, everything on it
-    assert trials[on_worker].info.status == "RUNNING", "the trial on the second node ended before the kill"
+    # Both read after the first checkpoint and before the kill had any effect on MLflow: the trial had epochs left.
+    assert checkpointed < 6, "the trial on the second node ended before the kill"
+    assert _trials(db, "nodes")[on_worker].info.status == "RUNNING"
     out, err = submit.communicate(timeout=max(deadline - time.monotonic(), 60))
     assert submit.returncode == 0, out[-3000:] + err[-3000:]
     assert "Traceback" not in err
@@ -157,7 +218,7 @@ def test_submitted_sweep_runs_on_both_nodes_and_survives_losing_one(two_node_clu
     assert sorted(trials) == ["s0", "s1"] and all(r.info.status == "FINISHED" for r in trials.values())
     client = MlflowClient(f"sqlite:///{db}")
     for name, run in trials.items():  # every epoch once, in order: the lost trial went on from its checkpoint
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [1, 2, 3, 4, 5], name
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [1, 2, 3, 4, 5, 6], name
     moved = trials[on_worker].data.tags
     assert int(moved["deitlab.worker_failures"]) >= 1 and moved["deitlab.worker_nodes"] == cluster.head_node, moved
     assert "deitlab.worker_failures" not in trials[({"s0", "s1"} - {on_worker}).pop()].data.tags
