@@ -1,7 +1,10 @@
 """Shared fixtures. Integration tests share one local Ray and one MLflow store per session (Ray starts in ~5 s)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,12 @@ for _key, _value in {"AWS_ACCESS_KEY_ID": PLANTED_AWS_KEY_ID, "AWS_SECRET_ACCESS
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                      "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
     os.environ.setdefault(_key, _value)
+
+# Pretrained weights come from a Hugging Face hub cache the tests build (tests/hub.py), never from the hub: set before
+# anything imports huggingface_hub (it reads both once), inherited by Ray's workers and the CLI's subprocesses.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="deitlab-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
 TINY_STUDENT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -95,3 +104,11 @@ def workdir(tmp_path_factory) -> Path:
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def hub_cache():
+    """The session's Hugging Face hub cache (HF_HOME, offline): tests add the pretrained weights they need."""
+    from hub import HubCache
+
+    return HubCache(Path(os.environ["HF_HOME"]))

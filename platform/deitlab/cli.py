@@ -52,6 +52,9 @@ err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, widt
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
                                                         help="Override a spec field, e.g. distillation.tau=3")]
+WorkdirOption = Annotated[Optional[Path], typer.Option(help="work directory of the default MLflow store")]
+TrackingOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI")]
+ExperimentOption = Annotated[Optional[str], typer.Option(help="MLflow experiment name")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS or"
                                                                          " a local Ray)")]
 
@@ -238,6 +241,23 @@ def _preflight(*specs) -> None:
             except SpecError as e:  # say whose file it is: a sweep's teachers have names
                 raise SpecError(f"teacher '{teacher.name}': {e}" if teacher.name else f"teacher: {e}") from None
             done.append((teacher, spec.data))
+        if teacher is not None and teacher.pretrained and (teacher, spec.data) not in done:
+            from .models import load_pretrained_teacher
+
+            fitted = bundle(spec.data)
+            with err.status(f"loading the pretrained teacher {teacher.arch}…"):
+                try:
+                    load_pretrained_teacher(teacher.arch, num_classes=fitted.num_classes, in_chans=fitted.in_chans,
+                                            model_kwargs=teacher.model_kwargs)
+                except SpecError as e:
+                    raise SpecError(f"teacher '{teacher.name}': {e}" if teacher.name else f"teacher: {e}") from None
+            done.append((teacher, spec.data))
+        if getattr(spec, "pretrained", False) and spec.arch not in done:  # a teacher fine-tuned from hub weights
+            from .pretrained import create_pretrained
+
+            with err.status(f"loading the pretrained weights of {spec.arch}…"):
+                create_pretrained(spec.arch)
+            done.append(spec.arch)
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -331,6 +351,45 @@ def teacher_train(specs: list[Path],
     _preflight(*loaded)
     _start_ray(ray_address)
     _train_teachers(loaded)
+
+
+@teacher_app.command("import")
+@handled
+def teacher_import(source: Annotated[str, typer.Argument(metavar="NAME", help="timm model with a pretrained tag"
+                                                          " (regnety_160.deit_in1k) or hf-hub:ORG/NAME")],
+                   name: Annotated[str, typer.Option("--name", help="registered model name, e.g. regnety-16gf")],
+                   data: Annotated[Optional[Path], typer.Option(help="a spec whose data section (or a data spec)"
+                                                                     " the weights are evaluated on")] = None,
+                   alias: Annotated[Optional[str], typer.Option(help="registry alias moved to the new version")] = None,
+                   workdir: WorkdirOption = None, tracking_uri: TrackingOption = None) -> None:
+    """Fetch pretrained weights once (here, through timm and the Hugging Face hub cache) and register them in MLflow;
+    sweeps then name models:/NAME@ALIAS and workers read them from MLflow, never from the hub."""
+    import re
+
+    from .spec import RunSpec, TeacherSpec, validate
+    from .teacher_import import import_teacher, load_data_spec
+
+    validate(TeacherSpec, {"arch": source, "pretrained": True}, source=source)  # a known name with weights
+    if alias is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias):
+        raise SpecError(f"--alias '{alias}': letters, digits, _ and -, not starting with a digit")
+    data_spec = load_data_spec(data) if data else None
+    if tracking_uri:
+        _checked_tracking_uri(tracking_uri)
+    run = validate(RunSpec, {k: v for k, v in {"workdir": str(workdir) if workdir else None,
+                                               "tracking_uri": tracking_uri}.items() if v}, source="run")
+    _check_targets(None, run)
+    with err.status(f"importing {source}…"):
+        imported = import_teacher(source, name, run, data_spec, alias)
+    card = imported.card
+    accuracy = card.get("accuracy_note") or ""
+    version = imported.uri.rsplit("/", 1)[-1]
+    if not accuracy:
+        from .tracking import Tracking
+
+        tags = Tracking.for_run(run).client.get_model_version(name, version).tags
+        accuracy = f"validation accuracy {100 * float(tags['deitlab.accuracy']):.1f}%"
+    out.print(f"registered [bold]{imported.uri}[/]{f' (alias {alias})' if alias else ''}: {source},"
+              f" sha256 {card['weights_sha256'][:16]}…, {card['params_m']} M params, {accuracy}", highlight=False)
 
 
 def _check_teacher_names(loaded) -> None:
@@ -464,9 +523,6 @@ def _checked_tracking_uri(uri: str) -> str:
 
 
 SweepArg = Annotated[str, typer.Argument(help="a sweep name, or its spec file")]
-WorkdirOption = Annotated[Optional[Path], typer.Option(help="work directory of the default MLflow store")]
-TrackingOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI")]
-ExperimentOption = Annotated[Optional[str], typer.Option(help="MLflow experiment name")]
 
 
 @sweep_app.command("resume")

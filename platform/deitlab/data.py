@@ -65,6 +65,18 @@ def data_fingerprint(bundle: DataBundle) -> str:
     return digest.hexdigest()[:16]
 
 
+def input_config(bundle: DataBundle):
+    """How the batches a model sees are normalised: the bundle's statistics, or (image folders, whose timm
+    transforms normalise) ImageNet's."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from .pretrained import InputConfig
+
+    mean = bundle.mean if bundle.mean is not None else IMAGENET_DEFAULT_MEAN
+    std = bundle.std if bundle.std is not None else IMAGENET_DEFAULT_STD
+    return InputConfig(tuple(float(v) for v in mean), tuple(float(v) for v in std), bundle.img_size)
+
+
 def load_data(data) -> DataBundle:
     if data.dataset == "digits":
         return _digits(data)
@@ -161,21 +173,32 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
 
 
-def shard_indices(n: int, rank: int, world_size: int, *, seed: int | None, epoch: int = 0) -> torch.Tensor:
-    """This rank's indices for one epoch: shuffled and padded (training, seed given) or in order without padding."""
+def shard_indices(n: int, rank: int, world_size: int, *, seed: int | None, epoch: int = 0,
+                  repeats: int = 1) -> torch.Tensor:
+    """This rank's indices for one epoch: shuffled and padded (training, seed given) or in order without padding.
+
+    With `repeats` > 1 (repeated augmentation, the official DeiT RASampler's semantics): each shuffled image is
+    repeated `repeats` times in a row before the stream is dealt round-robin, so its copies land on consecutive ranks
+    (and get their own augmentation there); every rank then keeps the first ceil(n / world_size) of its share, so an
+    epoch has the length it has without repeats and sees about n / repeats distinct images.
+    """
     if seed is None:
         return torch.arange(rank, n, world_size)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    padded = math.ceil(n / world_size) * world_size
-    return torch.cat([order, order[: padded - n]])[rank::world_size]
+    per_rank = math.ceil(n / world_size)
+    if repeats > 1:
+        order = order.repeat_interleave(repeats)
+    padded = math.ceil(len(order) / world_size) * world_size
+    return torch.cat([order, order[: padded - len(order)]])[rank::world_size][:per_rank]
 
 
 class ShardBatchSampler:
     """This rank's batches of dataset indices for one epoch, by the rule above. A DataLoader's batch_sampler for
     imagefolder data; TensorBatches uses it for in-memory tensors."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 repeats: int = 1):
+        self.n, self.batch_size, self.shuffle, self.repeats = n, batch_size, shuffle, repeats
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -187,7 +210,7 @@ class ShardBatchSampler:
 
     def index_batches(self) -> Iterator[torch.Tensor]:
         idx = shard_indices(self.n, self.rank, self.world_size, seed=self.seed if self.shuffle else None,
-                            epoch=self.epoch)
+                            epoch=self.epoch, repeats=self.repeats)
         for part in batch_slices(len(idx), self.batch_size):
             yield idx[part]
 
@@ -200,10 +223,10 @@ class TensorBatches:
     """Batches of an in-memory (images, labels) pair: this rank's shard, reshuffled each epoch (see the rule above)."""
 
     def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, repeats: int = 1):
         self.images, self.labels = tensors
         self.sampler = ShardBatchSampler(len(self.labels), batch_size, shuffle=shuffle, rank=rank,
-                                         world_size=world_size, seed=seed)
+                                         world_size=world_size, seed=seed, repeats=repeats)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -238,18 +261,21 @@ def make_loaders(bundle: DataBundle, data, *, rank: int = 0, world_size: int = 1
     if data.batch_size > math.ceil(n_train / world_size):
         raise SpecError(f"data.batch_size {data.batch_size} is larger than each rank's share of the"
                         f" {n_train} training images ({math.ceil(n_train / world_size)} on {world_size} rank(s))")
+    repeats = data.repeated_aug
     if bundle.in_memory:
-        return (TensorBatches(bundle.train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed),
+        return (TensorBatches(bundle.train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed,
+                              repeats=repeats),
                 TensorBatches(bundle.val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size))
     if getattr(bundle.train, "encoded", False):  # a pack: streamed by threads, not DataLoader workers
         from .shards import ParquetBatches
 
         return (ParquetBatches(bundle.train, data.batch_size, shuffle=True, rank=rank, world_size=world_size,
-                               seed=seed),
+                               seed=seed, repeats=repeats),
                 ParquetBatches(bundle.val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size))
     common = dict(num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=data.num_workers > 0)
-    train = ShardBatchSampler(n_train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed)
+    train = ShardBatchSampler(n_train, data.batch_size, shuffle=True, rank=rank, world_size=world_size, seed=seed,
+                              repeats=repeats)
     val = ShardBatchSampler(n_val, data.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
     return (_EpochLoader(DataLoader(bundle.train, batch_sampler=train, **common)),
             _EpochLoader(DataLoader(bundle.val, batch_sampler=val, **common)))

@@ -84,15 +84,26 @@ def distillation_loss(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
 ACCURACY_KEYS = ("acc_cls", "acc_dist", "acc_fused", "acc_teacher", "agreement")
 
 
+Fusion = Literal["logits", "softmax"]
+
+
 def fused_probabilities(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> torch.Tensor:
-    """Joint classifier: the mean of the two heads' softmax outputs (the paper adds them)."""
+    """Joint classifier as the paper words it: the mean of the two heads' softmax outputs."""
     return 0.5 * (F.softmax(cls_logits.float(), dim=-1) + F.softmax(dist_logits.float(), dim=-1))
 
 
-def head_predictions(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The predicted class of each head: cls, dist and fused."""
+def fused_logits(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> torch.Tensor:
+    """Joint classifier as the official DeiT code and timm's distilled ViT compute it: the mean of the logits. The
+    argmax can differ from the softmax mean's: a head that is confident (large logit gaps) weighs more here."""
+    return 0.5 * (cls_logits.float() + dist_logits.float())
+
+
+def head_predictions(cls_logits: torch.Tensor, dist_logits: torch.Tensor,
+                     fusion: Fusion = "logits") -> dict[str, torch.Tensor]:
+    """The predicted class of each head: cls, dist and fused (by `fusion`)."""
+    fused = fused_logits if fusion == "logits" else fused_probabilities
     return {"cls": cls_logits.argmax(-1), "dist": dist_logits.argmax(-1),
-            "fused": fused_probabilities(cls_logits, dist_logits).argmax(-1)}
+            "fused": fused(cls_logits, dist_logits).argmax(-1)}
 
 
 def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ class Member:
     loss: LossConfig
     optim: Any  # spec.OptimSpec: opt, lr (+ scaling), weight decay, schedule, clipping
     eval_head: str = "fused"
+    fusion: str = "logits"  # how the fused head joins the two: mean of logits (official DeiT) or of softmaxes
 
 
 def pick_device(run) -> torch.device:
@@ -88,7 +89,7 @@ class Engine:
                 updates_per_epoch=len(self.train_loader))
         return Student(member.name, model, member.loss, optimizer, scheduler, device=self.device, amp=self.amp,
                        clip_grad=optim.clip_grad, seed=run.seed, eval_head=member.eval_head, trainable=trainable,
-                       compile=compile_)
+                       compile=compile_, fusion=member.fusion)
 
     # ------------------------------------------------------------------------------------- the single student
     @property
@@ -205,7 +206,7 @@ class Engine:
                 with autocast(self.amp, self.device):
                     cls_logits, dist_logits = student_heads(student.model, images)
                 loss_sum[student.name] += ground_truth_loss(cls_logits, labels) * labels.numel()
-                predictions = head_predictions(cls_logits, dist_logits)
+                predictions = head_predictions(cls_logits, dist_logits, student.fusion)
                 confusion[student.name] += confusion_counts(labels, predictions[student.eval_head], classes)
                 mine = totals[student.name]
                 for key, value in head_agreement_counts(cls_logits, dist_logits, labels, t_logits,
@@ -275,7 +276,7 @@ def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torc
     """An Engine training one student per ExperimentSpec in `specs` (name → spec) in lockstep; the specs must share
     a pack_key. `teacher_file` and `init_file` (the students' starting weights, from spec.init_from) are local files:
     adapters resolve runs:/ and models:/ URIs."""
-    from .models import build_student, init_student, load_teacher, student_weights
+    from .models import build_student, build_teacher, init_student, student_weights
 
     first = next(iter(specs.values()))
     if len({pack_key(spec) for spec in specs.values()}) != 1:
@@ -283,10 +284,7 @@ def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torc
     bundle = load_data(first.data)
     teacher = None
     if first.teacher is not None:
-        if teacher_file is None:
-            raise ValueError("the spec has a teacher but no teacher file was resolved")
-        teacher, _ = load_teacher(teacher_file, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
-                                  arch=first.teacher.arch, model_kwargs=first.teacher.model_kwargs)
+        teacher, _ = build_teacher(first.teacher, teacher_file, bundle)
     if first.init_from and init_file is None:
         if ":/" in first.init_from:
             raise ValueError("the spec has init_from but no checkpoint file was resolved")
@@ -298,7 +296,7 @@ def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torc
         if init_file:
             init_student(student, student_weights(init_file))
         members.append(Member(name, student, LossConfig.from_specs(spec.distillation, spec.data.augment), spec.optim,
-                              spec.distillation.eval_head))
+                              spec.distillation.eval_head, spec.distillation.fusion))
     return Engine(members, teacher=teacher, data=first.data, run=first.run, device=device, rank=rank,
                   world_size=world_size, bundle=bundle)
 
@@ -316,10 +314,26 @@ def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int
 
     bundle = load_data(spec.data)
     torch.manual_seed(spec.run.seed)
-    model = build_classifier(spec.arch, spec.model_kwargs, bundle.num_classes, bundle.in_chans)
+    model = build_classifier(spec.arch, spec.model_kwargs, bundle.num_classes, bundle.in_chans,
+                             pretrained=spec.pretrained)
     loss = LossConfig(mode="none", label_smoothing=spec.data.augment.label_smoothing)
     return Engine([Member("teacher", model, loss, spec.optim, eval_head="cls")], teacher=None, data=spec.data,
                   run=spec.run, device=device, rank=rank, world_size=world_size, bundle=bundle)
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, bundle: DataBundle, data, device: torch.device) -> float:
+    """Top-1 accuracy of a frozen classifier on the bundle's validation split, fed as a teacher is fed (the batch
+    pipeline's normalisation; wrap the model in pretrained.TeacherInput for another convention)."""
+    _, val = make_loaders(bundle, data)
+    pipeline = BatchPipeline(bundle, data.augment, device)
+    model = model.to(device).eval()
+    correct = total = 0
+    for images, labels in val:
+        images = pipeline.normalize(images.to(device))
+        correct += int((model(images).argmax(-1) == labels.to(device)).sum())
+        total += labels.numel()
+    return correct / max(total, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

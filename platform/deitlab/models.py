@@ -21,6 +21,8 @@ def build_student(student, distillation, num_classes: int, in_chans: int, img_si
     import timm
 
     name = student.timm_name(distillation.uses_token)
+    if student.pretrained:
+        return _pretrained_student(name, student, num_classes, in_chans, img_size, distillation.uses_token)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               **student.timm_kwargs(img_size))
     if distillation.uses_token:
@@ -28,9 +30,30 @@ def build_student(student, distillation, num_classes: int, in_chans: int, img_si
     return model
 
 
-def build_classifier(arch: str, model_kwargs: dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
+def _pretrained_student(name: str, student, num_classes: int, in_chans: int, img_size: int, token: bool):
+    """A DeiT student started from timm's pretrained weights: built at the spec's shape, then given every weight
+    that fits — the position embedding resampled to its patch grid (init_student), a head for other classes fresh."""
     import timm
 
+    from .pretrained import create_pretrained
+
+    source = create_pretrained(name, in_chans=in_chans)  # at the weights' own size and classes
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                              **student.timm_kwargs(img_size))
+    init_student(model, source.state_dict())
+    if token:
+        model.set_distilled_training(True)
+    return model
+
+
+def build_classifier(arch: str, model_kwargs: dict[str, Any], num_classes: int, in_chans: int,
+                     pretrained: bool = False) -> nn.Module:
+    import timm
+
+    if pretrained:  # fine-tuning: timm gives a new head for num_classes and adapts the stem to in_chans
+        from .pretrained import create_pretrained
+
+        return create_pretrained(arch, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
     try:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
     except TypeError as err:
@@ -119,9 +142,11 @@ def load_teacher(path: str | Path, *, num_classes: int, in_chans: int, arch: str
     payload = read_model_file(path)
     if arch and arch != payload["arch"]:
         raise SpecError(f"{path}: checkpoint holds '{payload['arch']}', the spec asks for '{arch}'")
-    if (payload["num_classes"], payload["in_chans"]) != (num_classes, in_chans):
-        raise SpecError(f"{path}: teacher has {payload['num_classes']} classes and {payload['in_chans']} input channels,"
-                        f" the data set has {num_classes} and {in_chans}")
+    if payload["num_classes"] != num_classes:
+        raise SpecError(_class_count_mismatch(f"{path}: teacher '{payload['arch']}'", payload["num_classes"],
+                                              num_classes, payload["arch"]))
+    if payload["in_chans"] != in_chans:
+        raise SpecError(f"{path}: teacher has {payload['in_chans']} input channels, the data set has {in_chans}")
     kwargs = {**payload["model_kwargs"], **(model_kwargs or {})}
     model = build_classifier(payload["arch"], kwargs, num_classes, in_chans)
     try:
@@ -129,6 +154,60 @@ def load_teacher(path: str | Path, *, num_classes: int, in_chans: int, arch: str
     except RuntimeError as err:
         raise SpecError(f"{path}: weights do not fit '{payload['arch']}' ({str(err).splitlines()[0]})") from None
     return freeze(model), payload
+
+
+def _class_count_mismatch(what: str, teacher_classes: int, data_classes: int, arch: str) -> str:
+    return (f"{what} predicts {teacher_classes} classes, the data set has {data_classes}: fine-tune it on this data"
+            f" first (`deitlab teacher train` with arch: {arch}, pretrained: true) and distil from that")
+
+
+def load_pretrained_teacher(arch: str, *, num_classes: int, in_chans: int,
+                            model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen teacher with timm's pretrained weights (hub cache), as it is: its classes must be the data's.
+    The payload is what a deitlab model file would say of it (arch, classes, channels, metadata)."""
+    from .pretrained import InputConfig, create_pretrained, file_sha256, weights_file
+
+    model = create_pretrained(arch, in_chans=in_chans, **(model_kwargs or {}))
+    if model.num_classes != num_classes:
+        raise SpecError(_class_count_mismatch(f"teacher '{arch}'", model.num_classes, num_classes, arch))
+    source = weights_file(model)
+    own = InputConfig.of_model(model, in_chans)
+    metadata = {"source": arch, "weights_sha256": file_sha256(source) if source else None,
+                **({"mean": list(own.mean), "std": list(own.std), "img_size": own.img_size} if own else {})}
+    return freeze(model), {"format": CHECKPOINT_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs or {}),
+                           "num_classes": num_classes, "in_chans": in_chans, "metadata": metadata}
+
+
+def teacher_input(payload: dict[str, Any], in_chans: int):
+    """The input convention a teacher was trained with, from its model file's metadata (mean, std, image size);
+    None when the file does not say (made before deitlab recorded it)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from .pretrained import InputConfig, _channels
+
+    meta = payload.get("metadata") or {}
+    if not meta.get("img_size"):
+        return None
+    # An image-folder teacher's batches were normalised by timm's transforms, with ImageNet's statistics.
+    mean, std = meta.get("mean") or IMAGENET_DEFAULT_MEAN, meta.get("std") or IMAGENET_DEFAULT_STD
+    return InputConfig(_channels(mean, in_chans), _channels(std, in_chans), int(meta["img_size"]))
+
+
+def build_teacher(spec, teacher_file: str | Path | None, bundle) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen teacher a spec names — from a deitlab model file, or timm's pretrained weights — behind the
+    conversion of the student's batches to its own mean, std and image size (pretrained.TeacherInput)."""
+    from .data import input_config
+    from .pretrained import adapt_teacher
+
+    if spec.pretrained:
+        model, payload = load_pretrained_teacher(spec.arch, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
+                                                 model_kwargs=spec.model_kwargs)
+    else:
+        if teacher_file is None:
+            raise ValueError("the spec has a teacher but no teacher file was resolved")
+        model, payload = load_teacher(teacher_file, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
+                                      arch=spec.arch, model_kwargs=spec.model_kwargs)
+    return adapt_teacher(model, input_config(bundle), teacher_input(payload, bundle.in_chans)), payload
 
 
 def student_weights(path: str | Path) -> dict[str, torch.Tensor]:

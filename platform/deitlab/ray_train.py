@@ -17,7 +17,8 @@ from typing import Any
 from .checkpoints import Storage, write_checkpoint
 from .errors import SpecError, TrainingDiverged, one_line
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
-from .tracking import DIVERGED_TAG, GIT_COMMIT_TAG, TEACHER_FAMILY_TAG, MetricLogger, Tracking, git_commit
+from .tracking import (DIVERGED_TAG, GIT_COMMIT_TAG, TEACHER_FAMILY_TAG, TEACHER_SHA_TAG, MetricLogger, Tracking,
+                       git_commit)
 
 log = logging.getLogger("deitlab.train")
 
@@ -101,8 +102,11 @@ def _node_cache(key: str, fill) -> str:
     return str(cache)
 
 
-def resolve_teacher_file(teacher: TeacherSpec, tracking: Tracking) -> str:
-    """A local model file for the teacher: its checkpoint, or its MLflow URI downloaded once per node."""
+def resolve_teacher_file(teacher: TeacherSpec, tracking: Tracking) -> str | None:
+    """A local model file for the teacher: its checkpoint, or its MLflow URI downloaded once per node (None for
+    timm's pretrained weights: timm reads them from the hub cache)."""
+    if teacher.pretrained:
+        return None
     if teacher.checkpoint is not None:
         return teacher.checkpoint
     return _registry_download(teacher.uri, tracking)
@@ -463,7 +467,7 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking,
     """Resolve and load every teacher (and the student's init_from) once in the driver, so a bad checkpoint or URI
     fails before Ray starts work. Returns what the runs' tags say of each teacher, by label: family, arch, size."""
     from .data import load_data
-    from .models import load_teacher, student_weights
+    from .models import build_teacher, student_weights
 
     if init_from:
         student_weights(resolve_init_file(init_from, tracking))
@@ -472,19 +476,29 @@ def preflight_teachers(teachers: list[TeacherSpec], data, tracking: Tracking,
     bundle = load_data(data)
     found = {}
     for teacher in teachers:
-        model, payload = load_teacher(resolve_teacher_file(teacher, tracking), num_classes=bundle.num_classes,
-                                      in_chans=bundle.in_chans, arch=teacher.arch, model_kwargs=teacher.model_kwargs)
-        found[teacher.label] = _teacher_facts(model, payload, bundle)
+        path = resolve_teacher_file(teacher, tracking)
+        model, payload = build_teacher(teacher, path, bundle)
+        found[teacher.label] = _teacher_facts(model, payload, bundle, path)
     return found
 
 
-def _teacher_facts(model, payload: dict[str, Any], bundle) -> dict[str, Any]:
-    """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals)."""
+def _teacher_facts(model, payload: dict[str, Any], bundle, path: str | None = None) -> dict[str, Any]:
+    """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals), and the
+    SHA-256 of the file its weights came from (the hub's file for pretrained and imported weights, else the model
+    file)."""
     from .models import model_family, model_size
+    from .pretrained import file_sha256
 
     size = model_size(model, bundle.in_chans, bundle.img_size)
-    return {"family": model_family(model), "arch": payload["arch"], "params_m": round(size["params_m"], 4),
-            "gflops": round(size["gflops"], 4)}
+    sha = (payload.get("metadata") or {}).get("weights_sha256") or (file_sha256(_model_path(path)) if path else None)
+    return {"family": model_family(getattr(model, "teacher", model)), "arch": payload["arch"],
+            "params_m": round(size["params_m"], 4), "gflops": round(size["gflops"], 4), "sha256": sha}
+
+
+def _model_path(path: str) -> Path:
+    from .checkpoints import model_file
+
+    return model_file(path)
 
 
 def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -496,6 +510,8 @@ def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[
             TEACHER_FAMILY_TAG: info.get("family", "none")}
     if info:
         tags.update({"deitlab.teacher_arch": info["arch"], "deitlab.teacher_gflops": info["gflops"]})
+        if info.get("sha256"):
+            tags[TEACHER_SHA_TAG] = info["sha256"]
     return tags
 
 

@@ -474,12 +474,12 @@ class ParquetBatches:
     (EncodedImages, int64 labels). `prefetch` batches are read ahead on a background thread while one trains."""
 
     def __init__(self, images: ParquetImages, batch_size: int, *, shuffle: bool, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, prefetch: int = 2):
+                 seed: int = 0, prefetch: int = 2, repeats: int = 1):
         from .data import ShardBatchSampler
 
         self.images, self.prefetch = images, prefetch
         self.sampler = ShardBatchSampler(len(images), batch_size, shuffle=shuffle, rank=rank, world_size=world_size,
-                                         seed=seed)
+                                         seed=seed, repeats=repeats)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)

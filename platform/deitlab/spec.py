@@ -36,10 +36,31 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
+HF_HUB_PREFIX = "hf-hub:"
+
+
 def _known_model(name: str) -> str:
-    if name not in _timm_models():
-        raise ValueError(f"unknown timm model '{name}'")
+    """A timm architecture, optionally with a pretrained tag (`regnety_160.deit_in1k`), or `hf-hub:ORG/NAME` (a model
+    on the Hugging Face hub, resolved by timm when it is loaded)."""
+    if name.startswith(HF_HUB_PREFIX):
+        if name.count("/") != 1 or not all(name.removeprefix(HF_HUB_PREFIX).split("/")):
+            raise ValueError(f"'{name}': expected hf-hub:ORG/NAME")
+        return name
+    if name.split(".", 1)[0] not in _timm_models():
+        raise ValueError(f"unknown timm model '{name.split('.', 1)[0]}' (see timm.list_models())")
     return name
+
+
+def _pretrained_known(name: str) -> None:
+    """timm has pretrained weights for `name` (a bare architecture means its default tag)."""
+    if name.startswith(HF_HUB_PREFIX):
+        return
+    import timm
+
+    if not timm.list_pretrained(name if "." in name else f"{name}.*"):
+        tags = timm.list_pretrained(f"{name.split('.', 1)[0]}.*")
+        known = f"; its pretrained tags: {', '.join(tags[:6])}" if tags else "; it has none"
+        raise ValueError(f"timm has no pretrained weights named '{name}'{known}")
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -53,6 +74,9 @@ class StudentSpec(_Strict):
     depth: int | None = Field(None, gt=0)
     num_heads: int | None = Field(None, gt=0)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    pretrained: bool = Field(False, description="start from timm's pretrained weights for arch (its tag, e.g."
+                                                " deit_small_patch16_224.fb_in1k); a new head for the data's classes,"
+                                                " the position embedding resampled to the image size")
 
     @field_validator("arch")
     @classmethod
@@ -62,6 +86,15 @@ class StudentSpec(_Strict):
         if not plain.startswith("deit_"):
             raise ValueError(f"'{name}' is not a timm DeiT model with a distillation-token variant (deit_tiny/small/base_*)")
         return plain
+
+    @model_validator(mode="after")
+    def _pretrained_weights_exist(self) -> StudentSpec:
+        if self.pretrained:
+            try:
+                _pretrained_known(self.arch)
+            except ValueError as err:
+                raise ValueError(f"arch: {err}") from None
+        return self
 
     def timm_name(self, token: bool) -> str:
         return self.arch.replace("_patch", "_distilled_patch", 1) if token else self.arch
@@ -73,13 +106,18 @@ class StudentSpec(_Strict):
 
 
 class TeacherSpec(_Strict):
-    """A frozen teacher: a timm architecture with weights from a local checkpoint or an MLflow model URI."""
+    """A frozen teacher: a timm architecture with weights from a local checkpoint, an MLflow model URI, or timm's
+    pretrained weights (`pretrained: true`, from the Hugging Face hub cache; `deitlab teacher import` registers them
+    once, so that workers read them from MLflow instead of the hub)."""
 
     name: str | None = Field(None, description="label used in params and reports; defaults to the arch or URI")
-    arch: str | None = Field(None, description="timm model name; read from the checkpoint when omitted")
+    arch: str | None = Field(None, description="timm model name (with a pretrained tag, or hf-hub:ORG/NAME, when"
+                                               " pretrained); read from the checkpoint when omitted")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     uri: str | None = Field(None, description="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/PATH")
+    pretrained: bool = Field(False, description="timm's pretrained weights for `arch`, loaded by timm (HF_HOME,"
+                                                " HF_HUB_OFFLINE honoured)")
 
     @field_validator("arch")
     @classmethod
@@ -100,8 +138,17 @@ class TeacherSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSpec:
-        if (self.checkpoint is None) == (self.uri is None):
-            raise ValueError("give exactly one of 'checkpoint' (a local file) or 'uri' (an MLflow model URI)")
+        if self.pretrained:
+            given = [k for k in ("checkpoint", "uri") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"'pretrained: true' takes its weights from timm; it cannot be combined with"
+                                 f" '{given[0]}' (give one source)")
+            if self.arch is None:
+                raise ValueError("'pretrained: true' needs 'arch', e.g. regnety_160.deit_in1k")
+            _pretrained_known(self.arch)
+        elif (self.checkpoint is None) == (self.uri is None):
+            raise ValueError("give exactly one of 'checkpoint' (a local file), 'uri' (an MLflow model URI) or"
+                             " 'pretrained: true' with a timm 'arch'")
         return self
 
     @property
@@ -126,6 +173,9 @@ class DistillationSpec(_Strict):
     hard_label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_head: Literal["cls", "dist", "fused"] = Field(
         "fused", description="head whose accuracy is the run's headline metric `acc` (Table 3, rows 4-6)")
+    fusion: Literal["logits", "softmax"] = Field(
+        "logits", description="how the fused prediction joins the two heads: the mean of their logits (the official"
+                              " DeiT code, timm) or of their softmaxes")
 
     @property
     def weight(self) -> float:
@@ -166,6 +216,10 @@ class DataSpec(_Strict):
     num_workers: int = Field(0, ge=0)
     synthetic_classes: int = Field(10, ge=2)
     synthetic_size: int = Field(512, ge=8)
+    repeated_aug: int = Field(1, ge=1, description="repeated augmentation (DeiT, the official RASampler): each"
+                                                   " training image appears this many times per epoch, each copy on"
+                                                   " another rank with its own augmentation; the epoch keeps its"
+                                                   " length (1: off)")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
     @field_validator("path")
@@ -402,6 +456,8 @@ class TeacherTrainingSpec(_Strict):
     alias: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                               description="registry alias moved to each new version (models:/NAME@ALIAS)")
     arch: str
+    pretrained: bool = Field(False, description="fine-tune from timm's pretrained weights for arch: a new head for"
+                                                " the data's classes, the first convolution adapted to its channels")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec = Field(default_factory=DataSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
@@ -411,6 +467,15 @@ class TeacherTrainingSpec(_Strict):
     @classmethod
     def _arch_known(cls, name: str) -> str:
         return _known_model(name)
+
+    @model_validator(mode="after")
+    def _pretrained_weights_exist(self) -> TeacherTrainingSpec:
+        if self.pretrained:
+            try:
+                _pretrained_known(self.arch)
+            except ValueError as err:
+                raise ValueError(f"arch: {err}") from None
+        return self
 
     def flat_params(self) -> dict[str, Any]:
         return _flatten(self.model_dump(by_alias=True, mode="json"))

@@ -101,9 +101,11 @@ class Student:
 
     def __init__(self, name: str, model: nn.Module, loss: LossConfig, optimizer, scheduler=None, *,
                  device: torch.device, amp: bool, clip_grad: float | None = None, seed: int = 0,
-                 eval_head: str = "fused", trainable: nn.Module | None = None, compile: bool = False):
+                 eval_head: str = "fused", trainable: nn.Module | None = None, compile: bool = False,
+                 fusion: str = "logits"):
         self.name, self.model, self.loss, self.optimizer, self.scheduler = name, model, loss, optimizer, scheduler
         self.device, self.amp, self.clip_grad, self.seed, self.eval_head = device, amp, clip_grad, seed, eval_head
+        self.fusion = fusion
         trainable = trainable if trainable is not None else model
         self.trainable = torch.compile(trainable) if compile else trainable
         self.stochastic = _stochastic(model)

@@ -36,6 +36,7 @@ RESUMES_TAG = "deitlab.resumes"
 DIVERGED_TAG = "deitlab.diverged"  # why a run stopped early: its loss became NaN/Inf
 STOPPED_TAG = "deitlab.stopped_early"  # why a sweep's scheduler (ASHA) stopped a trial
 TEACHER_FAMILY_TAG = "deitlab.teacher_family"  # convnet | transformer: what the UI groups teachers by
+TEACHER_SHA_TAG = "deitlab.teacher_sha256"  # SHA-256 of the file the teacher's weights came from
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
 GIT_ENV = "DEITLAB_GIT_COMMIT"  # set by `sweep submit`: a job's working_dir has no .git
 # Run fields that may differ when a run is resumed: how it is executed. (More workers also means a larger global
@@ -293,7 +294,7 @@ class Tracking:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
     # ------------------------------------------------------------------------------------------- registry
-    def register_teacher(self, run_id: str, artifact_path: str, name: str, accuracy: float,
+    def register_teacher(self, run_id: str, artifact_path: str, name: str, accuracy: float | None,
                          tags: dict[str, Any] | None = None, alias: str | None = None) -> str:
         """Register the run's model file as a new version of `name` with `tags` (architecture, family, size, data
         fingerprint) and optionally move `alias` to it; returns the version's models:/ URI."""
@@ -308,9 +309,11 @@ class Tracking:
                 raise
         source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         version_tags = {k: _recorded(k, v) for k, v in (tags or {}).items()}
-        version_tags[TEACHER_ACC_TAG] = f"{accuracy:.6f}"
-        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags,
-                                              description=f"validation accuracy {accuracy:.4f}")
+        if accuracy is not None:
+            version_tags[TEACHER_ACC_TAG] = f"{accuracy:.6f}"
+        described = f"validation accuracy {accuracy:.4f}" if accuracy is not None else \
+            str(version_tags.get("accuracy_note", "accuracy not measured"))
+        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=described)
         if alias:
             client.set_registered_model_alias(name, alias, version.version)
         return f"models:/{name}/{version.version}"
