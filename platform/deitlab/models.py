@@ -142,11 +142,9 @@ def load_teacher(path: str | Path, *, num_classes: int, in_chans: int, arch: str
     payload = read_model_file(path)
     if arch and arch != payload["arch"]:
         raise SpecError(f"{path}: checkpoint holds '{payload['arch']}', the spec asks for '{arch}'")
-    if payload["num_classes"] != num_classes:
-        raise SpecError(_class_count_mismatch(f"{path}: teacher '{payload['arch']}'", payload["num_classes"],
-                                              num_classes, payload["arch"]))
-    if payload["in_chans"] != in_chans:
-        raise SpecError(f"{path}: teacher has {payload['in_chans']} input channels, the data set has {in_chans}")
+    if (payload["num_classes"], payload["in_chans"]) != (num_classes, in_chans):
+        raise SpecError(f"{path}: teacher has {payload['num_classes']} classes and {payload['in_chans']} input channels,"
+                        f" the data set has {num_classes} and {in_chans}")
     kwargs = {**payload["model_kwargs"], **(model_kwargs or {})}
     model = build_classifier(payload["arch"], kwargs, num_classes, in_chans)
     try:
@@ -169,7 +167,7 @@ def load_pretrained_teacher(arch: str, *, num_classes: int, in_chans: int,
 
     model = create_pretrained(arch, in_chans=in_chans, **(model_kwargs or {}))
     if model.num_classes != num_classes:
-        raise SpecError(_class_count_mismatch(f"teacher '{arch}'", model.num_classes, num_classes, arch))
+        raise SpecError(_class_count_mismatch(f"'{arch}'", model.num_classes, num_classes, arch))
     source = weights_file(model)
     own = InputConfig.of_model(model, in_chans)
     metadata = {"source": arch, "weights_sha256": file_sha256(source) if source else None,

@@ -57,6 +57,8 @@ AWS_FILES = {"aws/credentials": "[default]\naws_access_key_id = AKIAEXAMPLEKEY00
 S3 = {"AWS_ENDPOINT_URL": "http://{s3}", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY000000",
       "AWS_SECRET_ACCESS_KEY": "example/secret/key/000000000000000000"}
 
+PRETRAINED = "name: e\n" + STUDENT + "teacher: TEACHER\ndistillation: {mode: hard}\noptim: {epochs: 1}\n"
+EMPTY_HUB = {"HF_HOME": "{dir}/hf", "HF_HUB_OFFLINE": "1"}  # a hub cache of the case's own ("@hub": one model)
 RAY_JOB_DIR = "session/runtime_resources/working_dir_files/_ray_pkg_0a1b2c3d"  # where Ray unpacks a job's working_dir
 
 CASES = [
@@ -120,6 +122,40 @@ CASES = [
          {"sweep.yaml": SWEEP.replace("grid: {optim.lr: [0.001, 0.002]}",
                                       "teachers: {convnet: {checkpoint: t.pt}}\ngrid: {teacher: [convnet, vit],"
                                       " distillation.mode: [hard]}"), "exp.yaml": EXP}),
+    Case("spec-unknown-timm-model", "spec", "`deitlab train exp.yaml` with `teacher: {arch: resnet_50x, pretrained:"
+                                            " true}` (no such timm model)",
+         ("train", "exp.yaml"), "error: exp.yaml: teacher.arch: unknown timm model 'resnet_50x' (see timm.list_models())",
+         {"exp.yaml": PRETRAINED.replace("TEACHER", "{arch: resnet_50x, pretrained: true}")}),
+    Case("spec-no-pretrained-weights", "spec", "`deitlab train exp.yaml` with `teacher: {arch: test_resnet.nosuch,"
+                                               " pretrained: true}` (a tag timm has no weights for)",
+         ("train", "exp.yaml"), "error: exp.yaml: teacher: timm has no pretrained weights named 'test_resnet.nosuch';"
+                                " its pretrained tags: test_resnet.r160_in1k",
+         {"exp.yaml": PRETRAINED.replace("TEACHER", "{arch: test_resnet.nosuch, pretrained: true}")}),
+    Case("spec-pretrained-and-checkpoint", "spec", "`deitlab train exp.yaml` with `teacher: {arch: …, pretrained: true,"
+                                                   " checkpoint: t.pt}`",
+         ("train", "exp.yaml"), "error: exp.yaml: teacher: 'pretrained: true' takes its weights from timm; it cannot be"
+                                " combined with 'checkpoint' (give one source)",
+         {"exp.yaml": PRETRAINED.replace("TEACHER", "{arch: test_resnet.r160_in1k, pretrained: true, checkpoint: t.pt}")}),
+    Case("spec-pretrained-not-cached", "spec", "`deitlab train exp.yaml` with a pretrained teacher whose weights are"
+                                               " not in the Hugging Face cache, offline",
+         ("train", "exp.yaml"), "error: teacher: model 'test_resnet.r160_in1k': its pretrained weights are neither in"
+                                " the Hugging Face cache ({dir}/hf) nor reachable (LocalEntryNotFoundError); run"
+                                " `deitlab teacher import test_resnet.r160_in1k` where the hub is reachable and name"
+                                " the registered model, or set HF_HOME to a cache that holds them",
+         {"exp.yaml": PRETRAINED.replace("TEACHER", "{arch: test_resnet.r160_in1k, pretrained: true}")}, env=EMPTY_HUB),
+    Case("spec-teacher-classes-differ", "spec", "`deitlab train exp.yaml` with a pretrained 1000-class teacher"
+                                                " (cached) on the 10 digits",
+         ("train", "exp.yaml"), "error: teacher: 'test_resnet.r160_in1k' predicts 1000 classes, the data set has 10:"
+                                " fine-tune it on this data first (`deitlab teacher train` with arch:"
+                                " test_resnet.r160_in1k, pretrained: true) and distil from that",
+         {"exp.yaml": PRETRAINED.replace("TEACHER", "{arch: test_resnet.r160_in1k, pretrained: true}"), "hf": "@hub"},
+         env=EMPTY_HUB),
+    Case("spec-repeated-aug-zero", "spec", "`deitlab train exp.yaml` with `data: {repeated_aug: 0}`",
+         ("train", "exp.yaml"), "error: exp.yaml: data.repeated_aug: Input should be greater than or equal to 1 (got 0)",
+         {"exp.yaml": EXP + "data: {repeated_aug: 0}\n"}),
+    Case("cli-import-unknown-model", "CLI option", "`deitlab teacher import resnet_50x.a1 --name r50`",
+         ("teacher", "import", "resnet_50x.a1", "--name", "r50"),
+         "error: resnet_50x.a1: arch: unknown timm model 'resnet_50x' (see timm.list_models())", env=EMPTY_HUB),
     # -------------------------------------------------------------------------------------------- CLI options
     Case("cli-set-without-equals", "CLI option", "`deitlab train exp.yaml --set distillation.tau`",
          ("train", "exp.yaml", "--set", "distillation.tau"),
@@ -412,11 +448,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     teacher = write_model_file(root / "teacher.pt", build_classifier("test_resnet", {}, 10, 1).state_dict(),
                                arch="test_resnet", model_kwargs={}, num_classes=10, in_chans=1)
+    from hub import HubCache
+
+    HubCache(root / "hub").add("test_resnet.r160_in1k")  # pretrained weights for 1000 classes
     files = {"good.jpg": good, "truncated.jpg": out.getvalue()[: len(out.getvalue()) // 2],
              "truncated.pt": teacher.read_bytes()[: teacher.stat().st_size // 2]}
     for name, data in files.items():
         (root / name).write_bytes(data)
-    return {"imagefolder": folder, "teacher.pt": teacher, **{name: root / name for name in files}}
+    return {"imagefolder": folder, "teacher.pt": teacher, "hub": root / "hub", **{name: root / name for name in files}}
 
 
 @pytest.fixture(scope="module")
