@@ -1,4 +1,5 @@
 """The framework-free loop learns on real digits and reports every metric; it resumes from its own state."""
+import pytest
 import torch
 
 from deitlab.checkpoints import read_checkpoint, write_checkpoint
@@ -52,9 +53,11 @@ def test_same_spec_and_seed_give_the_same_metrics_and_another_seed_does_not():
     assert [m["train_loss"] for m in other] != [m["train_loss"] for m in first]
 
 
-def test_resume_from_a_checkpoint_continues_bit_for_bit(tmp_path):
-    """Mixup, cutmix, erasing, flips, drop-path: every RNG the loop draws from is where it would have been."""
-    spec = validate(ExperimentSpec, AUGMENTED)
+@pytest.mark.parametrize("repeated_aug", [1, 3])
+def test_resume_from_a_checkpoint_continues_bit_for_bit(tmp_path, repeated_aug):
+    """Mixup, cutmix, erasing, flips, drop-path, repeated augmentation: every RNG the loop draws from is where it
+    would have been."""
+    spec = validate(ExperimentSpec, {**AUGMENTED, "data": {**AUGMENTED["data"], "repeated_aug": repeated_aug}})
     straight = experiment_engine(spec, None, device=CPU)
     expected = _values(straight.run(3))
 

@@ -93,3 +93,23 @@ def test_fused_logits_and_fused_softmax_can_disagree():
     assert head_predictions(cls, dist, "logits")["fused"].item() == 1
     assert head_predictions(cls, dist, "softmax")["fused"].item() == 0
     assert head_predictions(cls, dist)["fused"].item() == 1  # logits by default
+
+
+def test_a_pretrained_student_keeps_the_weights_that_fit_and_resamples_its_position_embedding(hub_cache):
+    """DeiT Table 7's starting point: timm's DeiT-Ti (with the token) at 224 px / 1000 classes, started at 32 px on
+    10 classes: the blocks are the hub's, the position embedding is resampled from 14×14 to 2×2, the heads are new."""
+    import timm
+
+    from deitlab.models import build_student
+    from deitlab.spec import DistillationSpec, StudentSpec
+
+    hub_cache.add("deit_tiny_distilled_patch16_224.fb_in1k", seed=1)
+    torch.manual_seed(1)
+    hub = timm.create_model("deit_tiny_distilled_patch16_224.fb_in1k")
+    student = build_student(StudentSpec(arch="deit_tiny_patch16_224.fb_in1k", pretrained=True),
+                            DistillationSpec(mode="hard", token=True), num_classes=10, in_chans=3, img_size=32)
+    assert torch.equal(student.blocks[5].mlp.fc1.weight, hub.blocks[5].mlp.fc1.weight)
+    assert torch.equal(student.dist_token, hub.dist_token) and torch.equal(student.cls_token, hub.cls_token)
+    assert student.pos_embed.shape == (1, 2 + 4, 192) and torch.equal(student.pos_embed[:, :2], hub.pos_embed[:, :2])
+    assert student.head.out_features == 10 and student.head_dist.out_features == 10
+    assert student.distilled_training  # the training forward returns both heads
