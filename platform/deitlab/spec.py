@@ -63,6 +63,16 @@ def _pretrained_known(name: str) -> None:
         raise ValueError(f"timm has no pretrained weights named '{name}'{known}")
 
 
+def _check_pretrained_arch(spec):
+    """A spec asking for `pretrained: true` names weights timm has (the error is on its `arch`)."""
+    if spec.pretrained:
+        try:
+            _pretrained_known(spec.arch)
+        except ValueError as err:
+            raise ValueError(f"arch: {err}") from None
+    return spec
+
+
 # --------------------------------------------------------------------------------------------------------- models
 class StudentSpec(_Strict):
     """A timm DeiT student. `arch` picks the family; the distillation token is chosen by `distillation.token`."""
@@ -87,14 +97,7 @@ class StudentSpec(_Strict):
             raise ValueError(f"'{name}' is not a timm DeiT model with a distillation-token variant (deit_tiny/small/base_*)")
         return plain
 
-    @model_validator(mode="after")
-    def _pretrained_weights_exist(self) -> StudentSpec:
-        if self.pretrained:
-            try:
-                _pretrained_known(self.arch)
-            except ValueError as err:
-                raise ValueError(f"arch: {err}") from None
-        return self
+    _pretrained_weights_exist = model_validator(mode="after")(lambda self: _check_pretrained_arch(self))
 
     def timm_name(self, token: bool) -> str:
         return self.arch.replace("_patch", "_distilled_patch", 1) if token else self.arch
@@ -468,14 +471,7 @@ class TeacherTrainingSpec(_Strict):
     def _arch_known(cls, name: str) -> str:
         return _known_model(name)
 
-    @model_validator(mode="after")
-    def _pretrained_weights_exist(self) -> TeacherTrainingSpec:
-        if self.pretrained:
-            try:
-                _pretrained_known(self.arch)
-            except ValueError as err:
-                raise ValueError(f"arch: {err}") from None
-        return self
+    _pretrained_weights_exist = model_validator(mode="after")(lambda self: _check_pretrained_arch(self))
 
     def flat_params(self) -> dict[str, Any]:
         return _flatten(self.model_dump(by_alias=True, mode="json"))
