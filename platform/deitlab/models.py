@@ -181,14 +181,14 @@ def teacher_input(payload: dict[str, Any], in_chans: int):
     None when the file does not say (made before deitlab recorded it)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from .pretrained import InputConfig, _channels
+    from .pretrained import InputConfig, per_channel
 
     meta = payload.get("metadata") or {}
     if not meta.get("img_size"):
         return None
     # An image-folder teacher's batches were normalised by timm's transforms, with ImageNet's statistics.
     mean, std = meta.get("mean") or IMAGENET_DEFAULT_MEAN, meta.get("std") or IMAGENET_DEFAULT_STD
-    return InputConfig(_channels(mean, in_chans), _channels(std, in_chans), int(meta["img_size"]))
+    return InputConfig(per_channel(mean, in_chans), per_channel(std, in_chans), int(meta["img_size"]))
 
 
 def build_teacher(spec, teacher_file: str | Path | None, bundle) -> tuple[nn.Module, dict[str, Any]]:

@@ -89,10 +89,10 @@ class InputConfig:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if not cfg.get("mean") or not cfg.get("std") or not cfg.get("input_size"):
             return None
-        return cls(_channels(cfg["mean"], in_chans), _channels(cfg["std"], in_chans), int(cfg["input_size"][-1]))
+        return cls(per_channel(cfg["mean"], in_chans), per_channel(cfg["std"], in_chans), int(cfg["input_size"][-1]))
 
 
-def _channels(values, in_chans: int) -> tuple[float, ...]:
+def per_channel(values, in_chans: int) -> tuple[float, ...]:
     """Per-channel statistics for `in_chans` channels: a grey-scale input gets the mean of an RGB model's values."""
     values = tuple(float(v) for v in values)
     if len(values) == in_chans:

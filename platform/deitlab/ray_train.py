@@ -486,19 +486,14 @@ def _teacher_facts(model, payload: dict[str, Any], bundle, path: str | None = No
     """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals), and the
     SHA-256 of the file its weights came from (the hub's file for pretrained and imported weights, else the model
     file)."""
+    from .checkpoints import model_file
     from .models import model_family, model_size
     from .pretrained import file_sha256
 
     size = model_size(model, bundle.in_chans, bundle.img_size)
-    sha = (payload.get("metadata") or {}).get("weights_sha256") or (file_sha256(_model_path(path)) if path else None)
+    sha = (payload.get("metadata") or {}).get("weights_sha256") or (file_sha256(model_file(path)) if path else None)
     return {"family": model_family(getattr(model, "teacher", model)), "arch": payload["arch"],
             "params_m": round(size["params_m"], 4), "gflops": round(size["gflops"], 4), "sha256": sha}
-
-
-def _model_path(path: str) -> Path:
-    from .checkpoints import model_file
-
-    return model_file(path)
 
 
 def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
