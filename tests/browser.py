@@ -175,7 +175,10 @@ def _expand_parents(page, names: list[str], timeout_s: float) -> None:
         pending = [row for row in expanders.all() if row.get_attribute("row-id") not in clicked]
         if not pending:
             if clicked and time.monotonic() > settle_until:
-                return  # every expander clicked and the names still missing: the caller reports it
+                # Every expander clicked, the names still missing: a click may have collapsed a row that was
+                # expanding slowly. Click them all again (until the deadline; the caller reports what is missing).
+                clicked.clear()
+                settle_until = time.monotonic() + 3
             page.wait_for_timeout(250)  # rows may still be loading
             continue
         row = pending[0]
@@ -190,27 +193,31 @@ def _expand_parents(page, names: list[str], timeout_s: float) -> None:
         settle_until = time.monotonic() + 3
 
 
-def _show_tag_column(page, tag_key: str) -> None:
+def _show_tag_column(page, tag_key: str, timeout_s: float) -> None:
     """Columns selector → search the tag key → tick it (a tree of checkboxes: clicking the title ticks it)."""
     page.get_by_role("button", name=re.compile(r"^\s*Columns\s*$")).click()
     search = page.get_by_placeholder("Search columns")
     search.fill(tag_key)
     entry = page.locator(f'[title="{tag_key}"]').first
-    entry.wait_for(state="visible", timeout=10_000)
+    entry.wait_for(state="visible", timeout=timeout_s * 1000)
     entry.click()
     page.keyboard.press("Escape")
 
 
-def _column_values(page, header_text: str, timeout_s: float) -> tuple[list[str], object]:
+def _column_values(page, header_text: str, expected: list[str], timeout_s: float) -> tuple[list[str], object]:
     """The texts of the column whose header reads `header_text` (scrolled into view first: ag-grid renders only the
-    columns near the viewport), and its header locator."""
+    columns near the viewport), read again until they include every `expected` value or `timeout_s` passes; and its
+    header locator."""
+    deadline = time.monotonic() + timeout_s
     header = page.locator('[role="columnheader"][col-id]', has_text=header_text).first
     header.wait_for(state="attached", timeout=timeout_s * 1000)
     header.scroll_into_view_if_needed()
-    col_id = header.get_attribute("col-id")
-    page.wait_for_timeout(300)
-    cells = page.locator(f'[role="gridcell"][col-id="{col_id}"]')
-    return [text.strip() for text in cells.all_inner_texts()], header
+    cells = page.locator(f'[role="gridcell"][col-id="{header.get_attribute("col-id")}"]')
+    while True:
+        values = [text.strip() for text in cells.all_inner_texts()]
+        if all(value in values for value in expected) or time.monotonic() > deadline:
+            return values, header
+        page.wait_for_timeout(250)  # cells render after the column is added
 
 
 def check_mlflow_experiment_page(server_uri: str, experiment_id: str, child_run_names: list[str], tag_key: str,
@@ -247,8 +254,8 @@ def check_mlflow_experiment_page(server_uri: str, experiment_id: str, child_run_
             if missing:
                 raise AssertionError(f"MLflow runs table: child runs {missing} not visible after expanding parent "
                                      f"runs; rows: {_rows(page)}; the page shows: {visible_text(page)}")
-            _show_tag_column(page, tag_key)
-            values, header = _column_values(page, tag_key, timeout_s)
+            _show_tag_column(page, tag_key, timeout_s)
+            values, header = _column_values(page, tag_key, tag_values, timeout_s)
             missing = [value for value in tag_values if value not in values]
             if missing:
                 raise AssertionError(f"MLflow runs table: column {tag_key!r} lacks {missing}; it shows {values} "
