@@ -1,4 +1,5 @@
-"""DeiT distillation losses and joint-head evaluation: pure torch functions, no ray, no mlflow.
+"""DeiT distillation loss terms and joint-head evaluation: pure torch functions, no ray, no mlflow. The modes that
+combine the terms into a loss (and whatever else a mode decides) are in modes.py.
 
 Soft:  L = (1 - λ) · CE(Z_cls, y) + λ · τ² · KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ))
 Hard:  L = (1 - λ) · CE(Z_cls, y) + λ · CE(Z_dist, argmax Z_t)           (the paper's ½ + ½ is λ = 0.5)
@@ -26,7 +27,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Mode = Literal["none", "soft", "hard"]
 Normalization = Literal["batchmean", "official"]
 
 
@@ -58,26 +58,6 @@ def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
                            label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy against the teacher's argmax label."""
     return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1), label_smoothing=label_smoothing)
-
-
-def distillation_loss(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
-                      teacher_logits: torch.Tensor | None, *, mode: Mode, weight: float, tau: float = 1.0,
-                      normalization: Normalization = "batchmean", label_smoothing: float = 0.0,
-                      hard_label_smoothing: float = 0.0) -> LossParts:
-    """The training loss. `outputs` is (cls, dist) logits with the token, or one logits tensor without it."""
-    cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
-    base = ground_truth_loss(cls_logits, target, label_smoothing)
-    if mode == "none":
-        return LossParts(base, base.detach(), torch.zeros_like(base))
-    if teacher_logits is None:
-        raise ValueError(f"distillation mode '{mode}' needs teacher logits")
-    if mode == "soft":
-        kd = soft_distillation_loss(dist_logits, teacher_logits, tau, normalization)
-    elif mode == "hard":
-        kd = hard_distillation_loss(dist_logits, teacher_logits, hard_label_smoothing)
-    else:
-        raise ValueError(f"unknown distillation mode '{mode}'")
-    return LossParts((1 - weight) * base + weight * kd, base.detach(), kd.detach())
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

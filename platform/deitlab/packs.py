@@ -226,7 +226,7 @@ def pack_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, Experim
         spec = specs[name]
         tags = {**common_tags(spec.run), SWEEP_TAG: sweep_name, KIND_TAG: "trial",
                 "deitlab.trial_id": tune.get_context().get_trial_id(),
-                "deitlab.teacher_role": "reference" if spec.distillation.mode == "none" else "distillation",
+                "deitlab.teacher_role": "distillation" if spec.distillation.spec_mode.needs_teacher else "reference",
                 PACK_TAG: unit, PACK_SIZE_TAG: len(units[unit]), **run_tags(spec, teachers)}
         run_ids[name] = tracking.start_run(name, params=spec.flat_params(), tags=tags, parent_id=parent_id)
         tracking.log_json(run_ids[name], "spec.json", spec.model_dump(mode="json", by_alias=True))

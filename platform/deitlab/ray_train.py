@@ -499,7 +499,7 @@ def _teacher_facts(model, payload: dict[str, Any], bundle, path: str | None = No
 def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The tags an experiment's MLflow run is found and grouped by in the UI: mode, student, teacher and its family."""
     teacher = spec.teacher.label if spec.teacher else "none"
-    info = teachers.get(teacher, {}) if spec.distillation.mode != "none" else {}
+    info = teachers.get(teacher, {}) if spec.distillation.spec_mode.needs_teacher else {}
     tags = {"deitlab.mode": spec.distillation.mode, "deitlab.student": spec.student.arch,
             "deitlab.token": spec.distillation.uses_token, "deitlab.teacher": teacher,
             TEACHER_FAMILY_TAG: info.get("family", "none")}

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import modes
+
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -58,17 +60,20 @@ class ReferenceStep:
         """DistillationLoss: the teacher's forward happens here, inside the caller's autocast."""
         cls_out, dist_out = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         base = self._base(cls_out, targets)
-        if self.mode == "none":
+        mode = modes.get(self.mode)
+        if not mode.needs_teacher:
             return base
         with torch.no_grad():
             teacher_out = self.teacher(inputs)
-        if self.mode == "soft":
+        if mode is modes.SOFT:
             t = self.tau
             kl = F.kl_div(F.log_softmax(dist_out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
                           reduction="sum", log_target=True)
             kd = kl * (t * t) / (dist_out.numel() if self.normalization == "official" else dist_out.shape[0])
-        else:
+        elif mode is modes.HARD:
             kd = F.cross_entropy(dist_out, teacher_out.argmax(dim=1))
+        else:  # a mode the official code does not have: its own term, at the official normalisation
+            kd = mode.kd_term(dist_out, teacher_out, modes.KDParams(self.tau, self.normalization))
         return base * (1 - self.alpha) + kd * self.alpha
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:

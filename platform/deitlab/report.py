@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import modes
 from .distill import ACCURACY_KEYS
 from .errors import SpecError
 from .redact import scrub
@@ -74,7 +75,6 @@ class TeacherRow:
 
 # DeiT Table 3's method names. Without the token the student has only the class head (all three head metrics are the
 # same), so its line reads acc_cls; with the token one training gives three lines: class, distillation, fused head.
-SINGLE_METHOD = {"none": "no distillation", "soft": "usual distillation", "hard": "hard distillation"}
 TOKEN_HEADS = (("acc_cls", "class embedding"), ("acc_dist", "distil. embedding"), ("acc_fused", "class+distillation"))
 
 
@@ -92,23 +92,22 @@ class Table3Line:
 
 
 def _table3_order(row: AblationRow) -> tuple:
-    # DeiT's order: none, usual, hard, then the token lines (soft token before hard token)
-    rank = {("none", False): 0, ("soft", False): 1, ("hard", False): 2, ("soft", True): 3, ("hard", True): 4}
-    token = row.token and row.mode != "none"
-    return rank.get((row.mode, token), 5), row.teacher, row.tau or 0, row.lam or 0
+    # DeiT's order: none, usual, hard (the modes' registration order), then the token lines in the same order
+    token = row.token and modes.describe(row.mode).needs_teacher
+    return token, modes.order(row.mode), row.teacher, row.tau or 0, row.lam or 0
 
 
 def table3_lines(rows: list[AblationRow]) -> list[Table3Line]:
     """One line per method in DeiT Table 3's shape; a token row expands to its three heads."""
     lines = []
     for r in sorted(rows, key=_table3_order):
-        if r.token and r.mode != "none":
-            prefix = "DeiT⚗" if r.mode == "hard" else "DeiT⚗ (soft)"
-            heads = [(f"{prefix}: {name}", key) for key, name in TOKEN_HEADS]
+        mode = modes.describe(r.mode)
+        if r.token and mode.needs_teacher:
+            heads = [(f"{mode.token_method}: {name}", key) for key, name in TOKEN_HEADS]
         else:
-            heads = [(SINGLE_METHOD.get(r.mode, r.mode), "acc_cls")]
+            heads = [(mode.method, "acc_cls")]
         for method, key in heads:
-            lines.append(Table3Line(method, r.teacher, "—" if r.mode == "none" else r.mode, r.tau, r.lam,
+            lines.append(Table3Line(method, r.teacher, mode.label_column, r.tau, r.lam,
                                     len(r.seeds), key, r.metrics.get(key, Stat(None, None, 0)), r.status))
     return lines
 
@@ -169,8 +168,10 @@ def build_report(tracking: Tracking, sweep: str) -> SweepReport:
     for run in _one_per_trial(children):
         p = run.data.params
         mode = p.get(CONFIG_PARAMS["mode"], "?")
-        key = (mode, p.get(CONFIG_PARAMS["token"]) == "True", _number(p.get(CONFIG_PARAMS["tau"])) if mode == "soft"
-               else None, _number(p.get(CONFIG_PARAMS["lambda"])) if mode != "none" else None,
+        facts = modes.describe(mode)
+        key = (mode, p.get(CONFIG_PARAMS["token"]) == "True",
+               _number(p.get(CONFIG_PARAMS["tau"])) if facts.uses_tau else None,
+               _number(p.get(CONFIG_PARAMS["lambda"])) if facts.uses_lambda else None,
                p.get(CONFIG_PARAMS["teacher"], "none"))
         row = groups.setdefault(key, AblationRow(*key, seeds=[], runs=[]))
         if STOPPED_TAG in run.data.tags:  # ASHA cut it short: its partial metrics would bias the row
@@ -185,8 +186,7 @@ def build_report(tracking: Tracking, sweep: str) -> SweepReport:
                 values.setdefault(key, {}).setdefault(metric, []).append(run.data.metrics[metric])
     for key, row in groups.items():
         row.metrics = {m: Stat.of(values.get(key, {}).get(m, [])) for m in METRICS}
-    rows = sorted(groups.values(), key=lambda r: (["none", "soft", "hard"].index(r.mode) if r.mode in
-                                                  ("none", "soft", "hard") else 9, r.teacher, r.tau or 0, r.lam or 0))
+    rows = sorted(groups.values(), key=lambda r: (modes.order(r.mode), r.teacher, r.tau or 0, r.lam or 0))
     return SweepReport(sweep, parent.info.run_id, parent.info.status, tracking.tracking_uri, rows,
                        teacher_comparison(rows))
 
@@ -195,8 +195,9 @@ def teacher_comparison(rows: list[AblationRow]) -> list[TeacherRow]:
     """Per teacher: its accuracy, its best and mean student, agreement, and the gain over no distillation."""
     none_acc = baseline_acc(rows)
     out = []
-    for teacher in sorted({r.teacher for r in rows if r.mode != "none"}):
-        mine = [r for r in rows if r.teacher == teacher and r.mode != "none" and r.metrics["acc"].mean is not None]
+    distilled = [r for r in rows if _distilled(r)]
+    for teacher in sorted({r.teacher for r in distilled}):
+        mine = [r for r in distilled if r.teacher == teacher and r.metrics["acc"].mean is not None]
         if not mine:
             continue
         best = max(mine, key=lambda r: r.metrics["acc"].mean)
@@ -213,8 +214,12 @@ def teacher_comparison(rows: list[AblationRow]) -> list[TeacherRow]:
 
 def baseline_acc(rows: list[AblationRow]) -> float | None:
     """The no-distillation accuracy the teachers are compared with (mean over 'none' rows)."""
-    values = [r.metrics["acc"].mean for r in rows if r.mode == "none" and r.metrics["acc"].mean is not None]
+    values = [r.metrics["acc"].mean for r in rows if not _distilled(r) and r.metrics["acc"].mean is not None]
     return statistics.fmean(values) if values else None
+
+
+def _distilled(row: AblationRow) -> bool:
+    return modes.describe(row.mode).needs_teacher
 
 
 # ------------------------------------------------------------------------------------------------ the three tables
@@ -256,7 +261,7 @@ def _ablation_grid(report: SweepReport) -> _Grid:
     for r in report.rows:
         m = r.metrics
         rows.append([r.mode + _status(r.status, r.stopped), "yes" if r.token else "no", _num(r.tau), _num(r.lam),
-                     _reference(r.teacher) if r.mode == "none" else r.teacher, str(len(r.seeds)), m["acc_cls"].text(),
+                     r.teacher if _distilled(r) else _reference(r.teacher), str(len(r.seeds)), m["acc_cls"].text(),
                      m["acc_dist"].text(), m["acc_fused"].text(), m["acc_teacher"].text(), m["agreement"].text()])
     return _Grid("all trials (accuracy %, mean ± std over seeds)",
                  ["mode", "token", "τ", "λ", "teacher", "seeds", "cls head", "dist head", "fused", "teacher acc",
@@ -297,6 +302,7 @@ def render(report: SweepReport, console) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ plots
 PLOT_FILES = {"tau": "accuracy_vs_tau.png", "lambda": "accuracy_vs_lambda.png", "teachers": "teachers.png"}
+MARKERS = ("D", "o", "s", "^", "v", "P", "X")  # by the mode's registration order: soft o, hard s as before
 PLOT_TITLES = {"tau": "Accuracy vs τ", "lambda": "Accuracy vs λ", "teachers": "Teacher vs student accuracy"}
 
 
@@ -305,16 +311,16 @@ def _mpl(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _draw_curves(ax, report: SweepReport, x: str, modes: tuple[str, ...], symbol: str) -> str | None:
+def _draw_curves(ax, report: SweepReport, x: str, plotted: tuple[str, ...], symbol: str) -> str | None:
     """Accuracy (mean ± std over seeds) along τ or λ; returns why the plot is skipped, or None."""
     other, other_symbol = ("lam", "λ") if x == "tau" else ("tau", "τ")
-    rows = [r for r in report.rows if r.mode in modes and getattr(r, x) is not None
+    rows = [r for r in report.rows if r.mode in plotted and getattr(r, x) is not None
             and r.metrics["acc"].mean is not None]
     values = sorted({getattr(r, x) for r in rows})
     if len(values) < 2:
         shown = f" ({', '.join(f'{v:g}' for v in values)})" if values else ""
         return (f"the sweep has {len(values)} {symbol} value{'' if len(values) == 1 else 's'}{shown} among its"
-                f" {' or '.join(modes)} trials; a curve needs at least 2")
+                f" {' or '.join(plotted)} trials; a curve needs at least 2")
     # One line per teacher, mode and token. Where the other parameter has several values, each point is the best
     # of them, and is labelled with it: one curve per (τ, λ) pair would bury the plot.
     lines: dict[tuple, dict[float, AblationRow]] = {}
@@ -337,7 +343,7 @@ def _draw_curves(ax, report: SweepReport, x: str, modes: tuple[str, ...], symbol
         color = f"C{teachers.index(teacher) % 10}"
         xs, means = [getattr(r, x) for r in line], [100 * r.metrics["acc"].mean for r in line]
         ax.errorbar(xs, means, yerr=[100 * (r.metrics["acc"].std or 0.0) for r in line], capsize=3, color=color,
-                    marker="o" if mode == "soft" else "s", linestyle="-" if token else "--", label=label)
+                    marker=MARKERS[modes.order(mode) % len(MARKERS)], linestyle="-" if token else "--", label=label)
         if picked:
             for r, px, py in zip(line, xs, means):
                 ax.annotate(f"{other_symbol}={getattr(r, other):g}", (px, py), textcoords="offset points",
@@ -355,11 +361,16 @@ def _draw_curves(ax, report: SweepReport, x: str, modes: tuple[str, ...], symbol
 
 
 def _draw_tau(ax, report: SweepReport) -> str | None:
-    return _draw_curves(ax, report, "tau", ("soft",), "τ")
+    return _draw_curves(ax, report, "tau", tuple(m for m in _modes(report) if modes.describe(m).uses_tau), "τ")
 
 
 def _draw_lambda(ax, report: SweepReport) -> str | None:
-    return _draw_curves(ax, report, "lam", ("soft", "hard"), "λ")
+    return _draw_curves(ax, report, "lam", tuple(m for m in _modes(report) if modes.describe(m).uses_lambda), "λ")
+
+
+def _modes(report: SweepReport) -> list[str]:
+    """Every registered mode, and those of the report's rows that are not registered here."""
+    return modes.names() + sorted({r.mode for r in report.rows} - set(modes.names()))
 
 
 def _draw_teachers(ax, report: SweepReport) -> str | None:

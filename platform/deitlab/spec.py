@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from . import modes
 from .errors import SpecError
 
 
@@ -160,13 +161,11 @@ class TeacherSpec(_Strict):
 
 
 # --------------------------------------------------------------------------------------------------- distillation
-PAPER_LAMBDA = {"soft": 0.1, "hard": 0.5, "none": 0.0}
-
-
 class DistillationSpec(_Strict):
-    """DeiT distillation. mode none|soft|hard; token=False gives class-token-only KD (Table 3, rows 2-3)."""
+    """DeiT distillation. mode: one of modes.names() (none, soft, hard and any registered one); token=False gives
+    class-token-only KD (Table 3, rows 2-3)."""
 
-    mode: Literal["none", "soft", "hard"] = "hard"
+    mode: str = Field("hard", description="a registered distillation mode: none, soft, hard")
     token: bool = Field(True, description="use the DeiT distillation token; False distils into the class head")
     tau: float = Field(3.0, gt=0, description="soft-mode temperature")
     lambda_: float | None = Field(None, alias="lambda", ge=0, le=1,
@@ -180,16 +179,28 @@ class DistillationSpec(_Strict):
         "logits", description="how the fused prediction joins the two heads: the mean of their logits (the official"
                               " DeiT code, timm) or of their softmaxes")
 
+    @field_validator("mode")
+    @classmethod
+    def _registered_mode(cls, name: str) -> str:
+        if name not in modes.names():
+            known = [f"'{m}'" for m in modes.names()]
+            raise ValueError(f"Input should be {', '.join(known[:-1])} or {known[-1]} (got '{name}')")
+        return name
+
+    @property
+    def spec_mode(self) -> modes.DistillationMode:
+        return modes.get(self.mode)
+
     @property
     def weight(self) -> float:
         """The effective distillation weight: lambda, or the paper's value for the mode (soft 0.1, hard 0.5)."""
-        if self.mode == "none":
+        if not self.spec_mode.uses_lambda:
             return 0.0
-        return PAPER_LAMBDA[self.mode] if self.lambda_ is None else self.lambda_
+        return self.spec_mode.paper_lambda if self.lambda_ is None else self.lambda_
 
     @property
     def uses_token(self) -> bool:
-        return self.token and self.mode != "none"
+        return self.token and self.spec_mode.needs_teacher
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -431,7 +442,7 @@ class ExperimentSpec(_Strict):
     def _teacher_when_distilling(self, info: ValidationInfo) -> ExperimentSpec:
         # A sweep's base experiment may leave the teacher to the grid; each trial spec is checked in full.
         sweep_base = bool(info.context and info.context.get("sweep_base"))
-        if self.distillation.mode != "none" and self.teacher is None and not sweep_base:
+        if self.distillation.spec_mode.needs_teacher and self.teacher is None and not sweep_base:
             raise ValueError(f"distillation mode '{self.distillation.mode}' needs a 'teacher' section")
         return self
 
@@ -655,13 +666,14 @@ class SweepSpec(_Strict):
         return point
 
     def _collapse(self, point: dict[str, Any]) -> dict[str, Any]:
-        mode = point.get("distillation.mode", self.experiment.distillation.mode)
-        if mode != "soft":
+        # describe(): an unknown mode in the grid keeps its keys; its trial spec then says what is wrong
+        mode = modes.describe(point.get("distillation.mode", self.experiment.distillation.mode))
+        if not mode.uses_tau:
             point.pop("distillation.tau", None)
-        if mode == "none":
+        if not mode.uses_lambda:
             point.pop("distillation.lambda", None)
-            if TEACHER_KEY in point:  # the reference teacher for agreement: the first one listed
-                point[TEACHER_KEY] = next(iter(self.teachers))
+        if not mode.needs_teacher and TEACHER_KEY in point:  # the reference teacher for agreement: the first listed
+            point[TEACHER_KEY] = next(iter(self.teachers))
         return point
 
     def trial_spec(self, overrides: dict[str, Any]) -> ExperimentSpec:

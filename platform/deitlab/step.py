@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .distill import distillation_loss
+from . import modes
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class LossConfig:
     normalization: str = "batchmean"
     label_smoothing: float = 0.1
     hard_label_smoothing: float = 0.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return modes.get(self.mode).needs_teacher
 
     @classmethod
     def from_specs(cls, distillation, augment) -> LossConfig:
@@ -151,9 +155,10 @@ class Student:
         with self.own_rng():
             with autocast(self.amp, self.device):
                 outputs = self.trainable(images)
-            parts = distillation_loss(outputs, targets, teacher_logits if c.mode != "none" else None, mode=c.mode,
-                                      weight=c.weight, tau=c.tau, normalization=c.normalization,
-                                      label_smoothing=c.label_smoothing, hard_label_smoothing=c.hard_label_smoothing)
+            parts = modes.distillation_loss(
+                outputs, targets, teacher_logits if c.needs_teacher else None, mode=c.mode, weight=c.weight,
+                tau=c.tau, normalization=c.normalization, label_smoothing=c.label_smoothing,
+                hard_label_smoothing=c.hard_label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
         if self.clip_grad:
@@ -187,7 +192,7 @@ def train_step(students: list[Student], teacher: nn.Module | None, images: torch
                global_step: int) -> None:
     """One step of every student still training, on one batch, with one teacher forward between them."""
     active = [s for s in students if s.stopped is None]
-    needs_teacher = teacher is not None and any(s.loss.mode != "none" for s in active)
+    needs_teacher = teacher is not None and any(s.loss.needs_teacher for s in active)
     logits = teacher_logits(teacher, images) if needs_teacher else None
     for student in active:
         student.step(images, targets, logits, global_step)

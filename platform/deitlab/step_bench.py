@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from . import modes
 from .errors import SpecError, one_line
 
 PRESETS = {
@@ -65,8 +66,8 @@ class StepBenchConfig:
     def check(self) -> None:
         if self.preset not in PRESETS:
             raise BenchError(f"--preset '{self.preset}': one of {', '.join(PRESETS)}")
-        if self.mode not in ("none", "soft", "hard"):
-            raise BenchError(f"--mode '{self.mode}': one of none, soft, hard")
+        if self.mode not in modes.names():
+            raise BenchError(f"--mode '{self.mode}': one of {', '.join(modes.names())}")
         for name in ("pack", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name} must be at least 1")
@@ -123,8 +124,7 @@ def _teacher(cfg: StepBenchConfig, device: torch.device):
 def _loss(cfg: StepBenchConfig):
     from .step import LossConfig
 
-    weight = {"none": 0.0, "soft": 0.1, "hard": 0.5}[cfg.mode]
-    return LossConfig(cfg.mode, weight, 3.0, "official", 0.1)
+    return LossConfig(cfg.mode, modes.get(cfg.mode).paper_lambda, 3.0, "official", 0.1)
 
 
 def _lean_students(cfg: StepBenchConfig, arch: str, count: int, device: torch.device, compile: bool):
@@ -144,7 +144,7 @@ def _step_functions(cfg: StepBenchConfig, device: torch.device, mixup, batch) ->
     from .step import prepare_teacher, train_step
 
     images, labels = batch
-    teacher = _teacher(cfg, device) if cfg.mode != "none" else None
+    teacher = _teacher(cfg, device) if modes.get(cfg.mode).needs_teacher else None
     loss = _loss(cfg)
     preset = PRESETS[cfg.preset]
     functions: dict[str, Callable[[], None]] = {}

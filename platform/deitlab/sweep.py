@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import modes
 from .errors import SpecError, one_line
 from .ray_train import (check_fits, cluster_shapes, common_tags, fill_from_checkpoint, preflight_teachers, run_tags,
                         tracked_fit, train_teacher, worker_resources)
@@ -50,7 +51,7 @@ def trial_name(point: dict[str, Any]) -> str:
     """A readable, unique-per-point name: hard-convnet-l0.5-s0, soft-vit-t3-l0.1-s0, none-s0."""
     mode = point.get("distillation.mode")
     parts = [str(mode)] if mode else []
-    if mode != "none" and TEACHER_KEY in point:
+    if (mode is None or modes.describe(mode).needs_teacher) and TEACHER_KEY in point:
         parts.append(str(point[TEACHER_KEY]))
     short = {"distillation.tau": "t", "distillation.lambda": "l", "distillation.token": "token"}
     for key, value in point.items():
@@ -147,7 +148,7 @@ def _sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, Exper
         return
     unfinished = next((r for r in runs if r.info.status in ("RUNNING", "KILLED")), None)
     tags = {SWEEP_TAG: sweep_name, KIND_TAG: "trial", "deitlab.trial_id": tune.get_context().get_trial_id(),
-            "deitlab.teacher_role": "reference" if spec.distillation.mode == "none" else "distillation",
+            "deitlab.teacher_role": "distillation" if spec.distillation.spec_mode.needs_teacher else "reference",
             **run_tags(spec, teachers)}
     tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id,
                 resume_run_id=unfinished.info.run_id if unfinished else None)

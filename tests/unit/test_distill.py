@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from deitlab.distill import (accuracies_from_counts, distillation_loss, fused_probabilities, ground_truth_loss,
+from deitlab.distill import (accuracies_from_counts, fused_probabilities, ground_truth_loss,
                              hard_distillation_loss, head_agreement_counts, soft_distillation_loss)
+from deitlab.modes import distillation_loss
 
 
 def kl(p, q):
