@@ -46,7 +46,7 @@ def chromium_page(viewport: dict | None = None, init_script: str | None = None) 
             if init_script:
                 context.add_init_script(init_script)
             page = context.new_page()
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(120_000)  # two loaded cores: the UI is 4 MB of JS
             yield page
         finally:
             browser.close()
@@ -222,7 +222,7 @@ def _column_values(page, header_text: str, expected: list[str], timeout_s: float
 
 def check_mlflow_experiment_page(server_uri: str, experiment_id: str, child_run_names: list[str], tag_key: str,
                                  tag_values: list[str], screenshot_dir: str | Path,
-                                 timeout_s: float = 45.0) -> dict[str, Path]:
+                                 timeout_s: float = 120.0) -> dict[str, Path]:
     """Check in the MLflow UI served by `server_uri` that experiment `experiment_id` shows every child run in
     `child_run_names` and that tag `tag_key` takes every value in `tag_values` (the values of those child runs).
 
@@ -272,14 +272,22 @@ def check_mlflow_experiment_page(server_uri: str, experiment_id: str, child_run_
         seen_values: set[str] = set()
         for name, href in hrefs.items():
             url = href if href and href.startswith("http") else f"{base}/{(href or '').lstrip('/')}"
+            # The run links are hash routes: going there from the runs table would keep its DOM (a column header
+            # named like the tag) until React re-renders. From a blank page only the run page can match.
+            page.goto("about:blank")
             page.goto(url)
             run_shot = screenshot_dir / f"run-{_safe_name(name)}.png"
             try:
                 wait_for_texts(page, [name, tag_key], timeout_s, what=f"MLflow run page of {name!r}")
                 settle(page)
-                chip = page.get_by_text(tag_key, exact=True).first.locator("xpath=..")
-                chip_text = chip.inner_text().replace("\n", " ")
-                shown = [value for value in tag_values if re.search(rf":\s*{re.escape(value)}\s*$", chip_text)]
+                deadline = time.monotonic() + timeout_s
+                while True:  # the tag's value renders with its key, or just after it
+                    chip = page.get_by_text(tag_key, exact=True).first.locator("xpath=..")
+                    chip_text = chip.inner_text().replace("\n", " ")
+                    shown = [value for value in tag_values if re.search(rf":\s*{re.escape(value)}\s*$", chip_text)]
+                    if shown or time.monotonic() > deadline:
+                        break
+                    page.wait_for_timeout(250)
                 if not shown:
                     raise AssertionError(f"MLflow run page of {name!r}: tag shows {chip_text!r}, none of "
                                          f"{tag_values}; the page shows: {visible_text(page)}")

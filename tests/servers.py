@@ -254,7 +254,7 @@ class MlflowServer:
 
     def __init__(self, backend_store_uri: str, s3_endpoint: str, bucket: str = "deitlab-mlflow",
                  prefix: str = "mlartifacts", port: int | None = None, workers: int = 1,
-                 startup_timeout: float = 120.0, base_dir: str | Path | None = None, extra_env: dict | None = None):
+                 startup_timeout: float = 420.0, base_dir: str | Path | None = None, extra_env: dict | None = None):
         self.backend_store_uri = backend_store_uri
         self.s3_endpoint = s3_endpoint
         self.bucket = bucket

@@ -76,13 +76,13 @@ def _bare_run(spec: ExperimentSpec, device) -> tuple[list[dict], float]:
 
 def _ray_run(spec: ExperimentSpec) -> tuple[list[dict], float]:
     from .checkpoints import read_checkpoint
-    from .ray_train import TrainJob, fit
+    from .ray_train import TrainUnit, fit
     from .tracking import Tracking
 
     with tempfile.TemporaryDirectory(prefix="deitlab-bench-") as storage:
         spec = spec.with_overrides({"run.storage": storage})
         start = time.perf_counter()
-        result = fit(TrainJob(spec, Tracking.for_run(spec.run), run_id=None, name=f"bench-{uuid.uuid4().hex[:8]}"))
+        result = fit(TrainUnit.single(spec, Tracking.for_run(spec.run), None, f"bench-{uuid.uuid4().hex[:8]}"))
         seconds = time.perf_counter() - start
         with result.checkpoint.as_directory() as directory:
             return read_checkpoint(directory)["history"], seconds

@@ -463,6 +463,11 @@ def _drive(sweep, specs: dict, title: str, states, start):
     except SweepInterrupted as e:
         err.print(f"[yellow]stopped:[/] {e}", highlight=False)
         raise typer.Exit(130) from None
+    from .report import log_summary
+    from .tracking import Tracking
+
+    with err.status("logging the summary report on the parent run…"):
+        log_summary(Tracking.for_run(sweep.experiment.run), sweep.name, outcome.parent_run_id)
     _print_summary(sweep, outcome.states, outcome.parent_run_id)
     if outcome.failed:
         err.print(f"[red]error:[/] {len(outcome.failed)} of {len(outcome.states)} trials failed:"

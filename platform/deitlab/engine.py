@@ -308,7 +308,7 @@ def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, r
                        init_file=init_file)
 
 
-def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int = 1) -> Engine:
+def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int = 1, name: str = "teacher") -> Engine:
     """An Engine that trains a plain classifier (a future teacher) on ground truth."""
     from .models import build_classifier
 
@@ -317,7 +317,7 @@ def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int
     model = build_classifier(spec.arch, spec.model_kwargs, bundle.num_classes, bundle.in_chans,
                              pretrained=spec.pretrained)
     loss = LossConfig(mode="none", label_smoothing=spec.data.augment.label_smoothing)
-    return Engine([Member("teacher", model, loss, spec.optim, eval_head="cls")], teacher=None, data=spec.data,
+    return Engine([Member(name, model, loss, spec.optim, eval_head="cls")], teacher=None, data=spec.data,
                   run=spec.run, device=device, rank=rank, world_size=world_size, bundle=bundle)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -19,9 +20,11 @@ from typing import Any
 
 from . import modes
 from .distill import ACCURACY_KEYS
-from .errors import SpecError
+from .errors import SpecError, one_line
 from .redact import scrub
 from .tracking import STOPPED_TAG, Tracking
+
+log = logging.getLogger("deitlab.report")
 
 CONFIG_PARAMS = {"mode": "distillation.mode", "token": "distillation.token", "tau": "distillation.tau",
                  "lambda": "distillation.lambda", "teacher": "teacher"}
@@ -569,3 +572,15 @@ def write_report(report: SweepReport, out: Path, formats=("json", "html", "md"))
             shutil.rmtree(stage, ignore_errors=True)
     except OSError as e:
         raise SpecError(f"cannot write the report to '{out}': {e.strerror or e}") from None
+
+
+def log_summary(tracking: Tracking, sweep: str, parent_id: str) -> None:
+    """The sweep's report (table 3 shape, teacher comparison, plots; HTML, Markdown, JSON) as artifacts of its parent
+    run, so the MLflow UI shows the summary. A failure here is a warning: the runs themselves are recorded."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_report(build_report(tracking, sweep), Path(tmp)):
+                relative = path.relative_to(tmp)
+                tracking.log_artifact(parent_id, path, str(Path("summary", *relative.parts[:-1])))
+    except Exception as err:
+        log.warning("sweep '%s': the summary report was not logged (%s)", sweep, one_line(err, 200))

@@ -15,17 +15,17 @@ import hashlib
 import logging
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import modes
 from .errors import SpecError, one_line
-from .ray_train import (check_fits, cluster_shapes, common_tags, fill_from_checkpoint, preflight_teachers, run_tags,
-                        tracked_fit, train_teacher, worker_resources)
+from .packs import plan_packs, rungs_actor
+from .ray_train import check_fits, cluster_shapes, common_tags, preflight_teachers, worker_resources
+from .records import DRIVER_TAG, TrialState, driver_state, runs_by_trial, trial_states
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
-from .tracking import KIND_TAG, STOPPED_TAG, SWEEP_TAG, Tracking
+from .tracking import KIND_TAG, LAST_FAILURE_TAG, SWEEP_TAG, Tracking
+from .trials import stop_recorder, sweep_trial, teacher_trial
 
 log = logging.getLogger("deitlab.sweep")
 
@@ -35,7 +35,6 @@ log = logging.getLogger("deitlab.sweep")
 TRIAL_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.001}
 PLAN_ARTIFACT = "sweep.json"  # the resolved sweep spec, on the parent run
 TUNE_RUN_TAG = "deitlab.tune_run"  # the Tune experiment directory (under the run storage) of the latest start
-DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)
 JOB_TAG = "deitlab.ray_job_id"
 JOB_ENV = "DEITLAB_RAY_JOB_ID"  # set by `sweep submit` in the job's environment
 SPEC_HASH_TAG = "deitlab.spec_hash"
@@ -72,94 +71,7 @@ def spec_hash(sweep: SweepSpec) -> str:
     return hashlib.sha256(sweep.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------------ trial states
-@dataclass(frozen=True)
-class TrialState:
-    name: str
-    state: str  # finished | stopped | failed | interrupted | running | pending
-    run_id: str | None = None
-    epoch: int | None = None
-    value: float | None = None  # the sweep metric at the last epoch
-    best: float | None = None  # the best value over epochs
-    note: str = ""
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("finished", "stopped")
-
-
-def _is_done(run) -> bool:
-    return run.info.status == "FINISHED" or STOPPED_TAG in run.data.tags
-
-
-def _runs_by_trial(tracking: Tracking, parent_id: str) -> dict[str, list]:
-    """Child runs by trial name, newest first."""
-    by_name: dict[str, list] = {}
-    for run in reversed(tracking.child_runs(parent_id)):
-        by_name.setdefault(run.info.run_name, []).append(run)
-    return by_name
-
-
-def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "acc", mode: str = "max",
-                 history: bool = False) -> list[TrialState]:
-    """What MLflow says of each planned trial (the newest finished run, else the newest run)."""
-    by_name = _runs_by_trial(tracking, parent.info.run_id)
-    parent_alive = driver_state(parent) != "gone"
-    states = []
-    for name in names:
-        runs = by_name.get(name, [])
-        run = next((r for r in runs if _is_done(r)), runs[0] if runs else None)
-        if run is None:
-            states.append(TrialState(name, "pending"))
-            continue
-        status, tags, metrics = run.info.status, run.data.tags, run.data.metrics
-        if status == "FINISHED":
-            state, note = "finished", ""
-        elif STOPPED_TAG in tags:
-            state, note = "stopped", tags[STOPPED_TAG]
-        elif status == "FAILED":
-            state, note = "failed", tags.get("deitlab.diverged") or tags.get("deitlab.last_failure", "")
-        elif status == "RUNNING" and parent_alive:
-            state, note = "running", ""
-        else:
-            state, note = "interrupted", ""
-        best = None
-        if history and metric in metrics:
-            values = [m.value for m in tracking.client.get_metric_history(run.info.run_id, metric)]
-            best = (max if mode == "max" else min)(values) if values else None
-        epoch = metrics.get("epoch")
-        states.append(TrialState(name, state, run.info.run_id, None if epoch is None else int(epoch),
-                                 metrics.get(metric), best, note))
-    return states
-
-
 # ------------------------------------------------------------------------------------------------ trials
-def _sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, ExperimentSpec], tracking: Tracking,
-                 parent_id: str, teachers: dict[str, dict[str, Any]]) -> None:
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    name = config["trial"]
-    spec = specs[name]  # validated by the driver; trials do not re-validate
-    runs = _runs_by_trial(tracking, parent_id).get(name, [])
-    done = next((r for r in runs if _is_done(r)), None)
-    if done is not None:  # it ended before the driver died, after Tune last saved its state: never train it again
-        tune.report({k: v for k, v in done.data.metrics.items()})
-        return
-    unfinished = next((r for r in runs if r.info.status in ("RUNNING", "KILLED")), None)
-    tags = {SWEEP_TAG: sweep_name, KIND_TAG: "trial", "deitlab.trial_id": tune.get_context().get_trial_id(),
-            "deitlab.teacher_role": "distillation" if spec.distillation.spec_mode.needs_teacher else "reference",
-            **run_tags(spec, teachers)}
-    tracked_fit(spec, tracking, name, tags, callbacks=[TuneReportCallback()], parent_id=parent_id,
-                resume_run_id=unfinished.info.run_id if unfinished else None)
-
-
-def _teacher_trial(config: dict[str, Any], specs: dict[str, TeacherTrainingSpec]) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    train_teacher(specs[config["trial"]], callbacks=[TuneReportCallback()])
-
-
 def _fitting_trials(run) -> int:
     """How many trials the cluster can run at once (at its largest, when it autoscales); more would only start trial
     processes that wait for workers."""
@@ -179,38 +91,6 @@ def concurrency(sweep: SweepSpec) -> int:
     """Trials at once: what fits the cluster, capped by the spec's max_concurrent."""
     fits = _fitting_trials(sweep.experiment.run)
     return min(fits, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fits
-
-
-def _stop_recorder(tracking: Tracking, parent_id: str, specs: dict[str, ExperimentSpec], metric: str):
-    """A driver-side Tune callback: a trial that ended before its last epoch was stopped by ASHA; say so in MLflow.
-
-    Tune ends a stopped trial's process (and with it its Train run), so the trial cannot record this itself.
-    """
-    from ray.tune import Callback
-
-    # Only plain values: Tune pickles its callbacks into its saved state (tuner.pkl, in run storage), and the specs
-    # hold the user's run.tags, which are redacted in MLflow but would be verbatim there.
-    epochs = {name: spec.optim.epochs for name, spec in specs.items()}
-    storages = {name: spec.run.resolved_storage for name, spec in specs.items()}
-
-    class StopRecorder(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            name = trial.config.get("trial")
-            result = trial.last_result or {}
-            epoch = int(result.get("epoch", 0))
-            if name not in epochs or epoch >= epochs[name]:
-                return
-            for run in _runs_by_trial(tracking, parent_id).get(name, []):
-                if run.info.status == "RUNNING":
-                    value = result.get(metric)
-                    shown = f"{value:.4f}" if isinstance(value, float) else "?"
-                    # Its workers were ended with the trial: what rank 0 had not yet sent is in the checkpoint.
-                    fill_from_checkpoint(tracking, run.info.run_id, storages[name], name)
-                    tracking.try_set_tags(run.info.run_id, {
-                        STOPPED_TAG: f"ASHA at epoch {epoch} of {epochs[name]} ({metric} {shown})"})
-                    tracking.end_run(run.info.run_id, "KILLED")
-
-    return StopRecorder()
 
 
 def _run_tuner(trial_fn, names: list[str], run, tune_name: str, max_concurrent: int, callbacks: list | None,
@@ -298,9 +178,10 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
         tags[JOB_TAG] = os.environ[JOB_ENV]
     tracking.set_tags(parent_id, tags)
     units = {name: [name] for name in names}
-    if sweep.pack > 1:
-        from .packs import pack_trial, plan_packs, rungs_actor
-
+    packed = sweep.pack > 1
+    rungs = actor = scheduler = None
+    trial_callbacks = list(callbacks or [])
+    if packed:
         # The plan is recorded: a restored Tune run knows its trials by these pack names.
         plan_file = f"packs/{tune_name}.json"
         if restore:
@@ -308,20 +189,16 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
         else:
             units = plan_packs({n: specs[n] for n in names}, sweep.pack)
             tracking.log_json(parent_id, plan_file, units)
-        rungs = None
         if sweep.early_stopping is not None:  # ASHA's rule per member (Tune's ASHA would stop whole packs)
             rungs = f"deitlab-rungs-{parent_id}"
             actor = rungs_actor(rungs, sweep.early_stopping.grace_period, sweep.early_stopping.reduction_factor,
                                 max(s.optim.epochs for s in specs.values()), sweep.mode)
-        trial_fn = tune.with_parameters(pack_trial, sweep_name=sweep.name, specs=specs, units=units,
-                                        tracking=tracking, parent_id=parent_id, teachers=teachers,
-                                        metric=sweep.metric, rungs=rungs)
-        scheduler, trial_callbacks = None, list(callbacks or [])
     else:
-        trial_fn = tune.with_parameters(_sweep_trial, sweep_name=sweep.name, specs=specs, tracking=tracking,
-                                        parent_id=parent_id, teachers=teachers)
-        recorder = _stop_recorder(tracking, parent_id, specs, sweep.metric)
-        scheduler, trial_callbacks = _asha(sweep, specs), [recorder, *(callbacks or [])]
+        scheduler = _asha(sweep, specs)
+        trial_callbacks.insert(0, stop_recorder(tracking, parent_id, specs, sweep.metric))
+    trial_fn = tune.with_parameters(sweep_trial, sweep_name=sweep.name, specs=specs, units=units, tracking=tracking,
+                                    parent_id=parent_id, teachers=teachers, metric=sweep.metric, rungs=rungs,
+                                    packed=packed)
     try:
         results = _run_tuner(trial_fn, list(units), sweep.experiment.run, tune_name, concurrency(sweep),
                              trial_callbacks, scheduler, restore, retry_errored)
@@ -329,16 +206,16 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
         _close_interrupted(tracking, parent_id)
         raise
     finally:
-        if sweep.pack > 1 and sweep.early_stopping is not None:
+        if actor is not None:
             import ray
 
             ray.kill(actor)
     # A trial whose process died (out of memory, a lost node) could not close its MLflow run: Tune knows why.
     errors = {member: r.error for r in results if r.error is not None for member in units.get(r.config["trial"], [])}
-    for name, runs in _runs_by_trial(tracking, parent_id).items():
+    for name, runs in runs_by_trial(tracking, parent_id).items():
         if name in errors and runs and runs[0].info.status == "RUNNING":
             text = one_line(errors[name], 250)
-            tracking.try_set_tags(runs[0].info.run_id, {"deitlab.last_failure": text})
+            tracking.try_set_tags(runs[0].info.run_id, {LAST_FAILURE_TAG: text})
             tracking.end_run(runs[0].info.run_id, "FAILED")
     parent = tracking.client.get_run(parent_id)
     states = trial_states(tracking, parent, list(specs), sweep.metric, sweep.mode, history=True)
@@ -346,7 +223,6 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
         _close_interrupted(tracking, parent_id)  # Tune returns normally after Ctrl-C / `sweep stop`
         raise SweepInterrupted(f"sweep '{sweep.name}' was stopped; continue it with `deitlab sweep resume {sweep.name}`")
     failed = [s.name for s in states if s.state == "failed"]
-    _log_summary(tracking, sweep.name, parent_id)
     tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
     return SweepOutcome(parent_id, names, failed, states)
 
@@ -373,20 +249,6 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None) -> SweepOutcome:
     tracking.log_json(parent_id, PLAN_ARTIFACT, sweep.model_dump(mode="json", by_alias=True))
     return _execute(sweep, specs, tracking, parent_id, list(specs), f"{sweep.name}-{parent_id[:8]}", callbacks,
                     teachers)
-
-
-def _log_summary(tracking: Tracking, sweep: str, parent_id: str) -> None:
-    """The sweep's report (table 3 shape, teacher comparison, plots; HTML, Markdown, JSON) as artifacts of its parent
-    run, so the MLflow UI shows the summary. A failure here is a warning: the runs themselves are recorded."""
-    from .report import build_report, write_report
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in write_report(build_report(tracking, sweep), Path(tmp)):
-                relative = path.relative_to(tmp)
-                tracking.log_artifact(parent_id, path, str(Path("summary", *relative.parts[:-1])))
-    except Exception as err:
-        log.warning("sweep '%s': the summary report was not logged (%s)", sweep, one_line(err, 200))
 
 
 def recorded_sweep(tracking: Tracking, name: str):
@@ -457,7 +319,7 @@ def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> Swe
     if changed or (new.metric, new.mode) != (old.metric, old.mode):
         raise SpecError(f"sweep extend: {'teacher ' + ', '.join(changed) if changed else 'metric and mode'} cannot"
                         " change; add teachers under new names")
-    existing = _runs_by_trial(tracking, parent.info.run_id)
+    existing = runs_by_trial(tracking, parent.info.run_id)
     specs = planned_trials(new)
     added = [n for n in specs if n not in existing]
     if not added:
@@ -479,20 +341,6 @@ def continue_sweep(start: SweepStart, callbacks: list | None = None) -> SweepOut
                     teachers, start.restore, start.retry_errored)
 
 
-def driver_state(parent) -> str:
-    """alive | gone | unknown: whether the sweep's driver process still runs (knowable only on its own host)."""
-    if parent.info.status != "RUNNING":
-        return "gone"
-    host, _, pid = parent.data.tags.get(DRIVER_TAG, "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return "unknown"
-    try:
-        os.kill(int(pid), 0)
-        return "alive"
-    except OSError:
-        return "gone"
-
-
 def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = None) -> list[str]:
     """Train and register several teachers at once (one Tune trial each). Returns the names that failed."""
     from ray import tune
@@ -501,6 +349,6 @@ def train_teachers(specs: list[TeacherTrainingSpec], callbacks: list | None = No
     check_fits(*(spec.run for spec in specs))
     run = specs[0].run
     Tracking.for_run(run).experiment_id()
-    results = _run_tuner(tune.with_parameters(_teacher_trial, specs=by_name), list(by_name), run,
+    results = _run_tuner(tune.with_parameters(teacher_trial, specs=by_name), list(by_name), run,
                          f"teachers-{'-'.join(by_name)}"[:80], _fitting_trials(run), callbacks)
     return [r.config["trial"] for r in results if r.error is not None]

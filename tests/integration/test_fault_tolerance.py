@@ -108,10 +108,23 @@ def test_stopped_run_resumes_from_s3_skipping_a_truncated_checkpoint(straight, r
     path = write_yaml(tmp_path / "stop.yaml", json.dumps(raw))
 
     def manifests() -> dict[str, int]:
+        """Complete checkpoints in S3 (every file their manifest lists is there, at its size), by epoch. The files
+        of one checkpoint are uploaded one by one, the manifest not necessarily last: a worker killed mid-upload
+        leaves a manifest without its state.pt."""
         listing = s3.list_objects_v2(Bucket="deitlab-ft", Prefix="runs/ft-stop-").get("Contents", [])
-        return {o["Key"].rsplit("/", 1)[0]: json.loads(s3.get_object(Bucket="deitlab-ft", Key=o["Key"])["Body"]
-                                                        .read())["epoch"]
-                for o in listing if o["Key"].endswith("/manifest.json")}
+        sizes = {o["Key"]: o["Size"] for o in listing}
+        found = {}
+        for key in sizes:
+            if not key.endswith("/manifest.json"):
+                continue
+            try:
+                manifest = json.loads(s3.get_object(Bucket="deitlab-ft", Key=key)["Body"].read())
+            except (ValueError, s3.exceptions.NoSuchKey):  # being written
+                continue
+            folder = key.rsplit("/", 1)[0]
+            if all(sizes.get(f"{folder}/{name}") == f["bytes"] for name, f in manifest["files"].items()):
+                found[folder] = manifest["epoch"]
+        return found
 
     # A whole `deitlab train` process, killed hard after its second checkpoint reached S3.
     driver = subprocess.Popen([str(Path(sys.executable).parent / "deitlab"), "train", str(path), "--ray-address",
@@ -124,7 +137,8 @@ def test_stopped_run_resumes_from_s3_skipping_a_truncated_checkpoint(straight, r
         time.sleep(0.2)
     driver.kill()
     driver.wait()
-    while ray_processes("ray::RayTrainWorker") and time.monotonic() < deadline:  # Ray reaps the dead job's workers
+    while ray_processes("ray::RayTrainWorker"):  # Ray reaps the dead job's workers
+        assert time.monotonic() < deadline, "the killed driver's Train workers are still running"
         time.sleep(0.2)
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")

@@ -109,7 +109,7 @@ def _call(url: str, auth: tuple[str, str] | None = None, body: dict | None = Non
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             json_answer = response.headers.get_content_type() == "application/json"  # /health says OK
             return response.status, json.loads(response.read()) if json_answer else {}
     except urllib.error.HTTPError as err:

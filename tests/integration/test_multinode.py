@@ -68,6 +68,11 @@ def two_node_cluster(tmp_path_factory):
         while _active_nodes(address, env) != 2:
             assert time.monotonic() < deadline and nodes[1].poll() is None, (logs / "node.log").read_text()
             time.sleep(1)
+        # A job is accepted: the head's job agent is up (a submission waits only 10 s for one that is starting)
+        probe = f"from ray.job_submission import JobSubmissionClient as C; C('{dashboard}').submit_job(entrypoint='true')"
+        while subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and nodes[0].poll() is None, (logs / "head.log").read_text()
+            time.sleep(1)
         head_node = subprocess.run(
             [sys.executable, "-c", "import ray; ray.init(); print(ray.get_runtime_context().get_node_id()[:8])"],
             env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, check=True).stdout.split()[-1]

@@ -2,7 +2,6 @@
 stops alone (ASHA, a diverged loss) and records what the same trial records alone."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import timm

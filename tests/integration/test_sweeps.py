@@ -62,7 +62,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials_then_extends(ray
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    while ray_processes("ray::RayTrainWorker") and time.monotonic() < deadline:
+    while ray_processes("ray::RayTrainWorker"):
+        assert time.monotonic() < deadline, "the killed sweep's Train workers are still running"
         time.sleep(0.2)
     before = {r.info.run_name: r for r in _children(workdir, "sw-kill")}
     finished_before = {n for n, r in before.items() if r.info.status == "FINISHED"}
@@ -167,9 +168,11 @@ def head_node(tmp_path):
                              "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "wb"))
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         dashboard = f"http://127.0.0.1:{ports[1]}"
-        probe = f"from ray.job_submission import JobSubmissionClient as C; C('{dashboard}').list_jobs()"
+        # Ready when a job is accepted: the dashboard answers and the head's job agent is up (a submission waits
+        # only 10 s for an agent that is still starting)
+        probe = f"from ray.job_submission import JobSubmissionClient as C; C('{dashboard}').submit_job(entrypoint='true')"
         while subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)

@@ -41,7 +41,8 @@ def softmax(z):
 
 
 def test_the_loss_of_a_registered_mode_by_hand(mixed):
-    cls_logits, dist_logits, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 2.0]])
+    cls_logits, dist_logits = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    teacher = torch.tensor([[0.0, 2.0]])
     parts = modes.distillation_loss((cls_logits, dist_logits), torch.tensor([0]), teacher, mode="mixed", weight=0.3,
                                     tau=2.0)
     base = -math.log(softmax([1.0, 0.0])[0])

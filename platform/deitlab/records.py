@@ -1,0 +1,85 @@
+"""What MLflow says of a sweep's trials: the one reading of trial runs that the sweep driver, packs, `sweep status`
+and `sweep resume` share. MLflow is the record of what finished."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from .tracking import DIVERGED_TAG, LAST_FAILURE_TAG, STOPPED_TAG, Tracking
+
+DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)
+
+
+@dataclass(frozen=True)
+class TrialState:
+    name: str
+    state: str  # finished | stopped | failed | interrupted | running | pending
+    run_id: str | None = None
+    epoch: int | None = None
+    value: float | None = None  # the sweep metric at the last epoch
+    best: float | None = None  # the best value over epochs
+    note: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "stopped")
+
+
+def is_done(run) -> bool:
+    return run.info.status == "FINISHED" or STOPPED_TAG in run.data.tags
+
+
+def runs_by_trial(tracking: Tracking, parent_id: str) -> dict[str, list]:
+    """Child runs by trial name, newest first."""
+    by_name: dict[str, list] = {}
+    for run in reversed(tracking.child_runs(parent_id)):
+        by_name.setdefault(run.info.run_name, []).append(run)
+    return by_name
+
+
+def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "acc", mode: str = "max",
+                 history: bool = False) -> list[TrialState]:
+    """What MLflow says of each planned trial (the newest finished run, else the newest run)."""
+    by_name = runs_by_trial(tracking, parent.info.run_id)
+    parent_alive = driver_state(parent) != "gone"
+    states = []
+    for name in names:
+        runs = by_name.get(name, [])
+        run = next((r for r in runs if is_done(r)), runs[0] if runs else None)
+        if run is None:
+            states.append(TrialState(name, "pending"))
+            continue
+        status, tags, metrics = run.info.status, run.data.tags, run.data.metrics
+        if status == "FINISHED":
+            state, note = "finished", ""
+        elif STOPPED_TAG in tags:
+            state, note = "stopped", tags[STOPPED_TAG]
+        elif status == "FAILED":
+            state, note = "failed", tags.get(DIVERGED_TAG) or tags.get(LAST_FAILURE_TAG, "")
+        elif status == "RUNNING" and parent_alive:
+            state, note = "running", ""
+        else:
+            state, note = "interrupted", ""
+        best = None
+        if history and metric in metrics:
+            values = [m.value for m in tracking.client.get_metric_history(run.info.run_id, metric)]
+            best = (max if mode == "max" else min)(values) if values else None
+        epoch = metrics.get("epoch")
+        states.append(TrialState(name, state, run.info.run_id, None if epoch is None else int(epoch),
+                                 metrics.get(metric), best, note))
+    return states
+
+
+def driver_state(parent) -> str:
+    """alive | gone | unknown: whether the sweep's driver process still runs (knowable only on its own host)."""
+    if parent.info.status != "RUNNING":
+        return "gone"
+    host, _, pid = parent.data.tags.get(DRIVER_TAG, "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return "unknown"
+    try:
+        os.kill(int(pid), 0)
+        return "alive"
+    except OSError:
+        return "gone"
