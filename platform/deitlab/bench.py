@@ -132,7 +132,7 @@ def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every
     """The bare loop with and without rank 0's MetricLogger (step metrics every `every` steps + epoch metrics) sending
     to a real MLflow store; runs alternate so drifting load falls on both. Step time = steady epoch wall / steps."""
     from .engine import experiment_engine, pick_device
-    from .tracking import MetricLogger, Tracking, finite_metrics
+    from .tracking import Tracking, finite_metrics
 
     spec = spec.with_overrides({"run.log_every_steps": every})
     device = pick_device(spec.run)
@@ -146,7 +146,7 @@ def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every
             plain.append(list(engine.run(spec.optim.epochs)))
 
             run_id = tracking.start_run(f"bench-{uuid.uuid4().hex[:8]}")
-            logger = MetricLogger(tracking, run_id, spill_dir=tmp)
+            logger = tracking.metric_logger(run_id, spill_dir=tmp)
             engine = experiment_engine(spec, _teacher_file(spec), device=device)
             counts = {"calls": 0, "seconds": 0.0, "values": 0}
 
@@ -165,8 +165,8 @@ def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every
             logged.append(history)
             logger.close(timeout=120)
             tracking.end_run(run_id)
-            run = tracking.client.get_run(run_id)
-            delivered += sum(len(tracking.client.get_metric_history(run_id, key)) for key in run.data.metrics)
+            run = tracking.run(run_id)
+            delivered += sum(len(tracking.metric_history(run_id, key)) for key in run.metrics)
             values += counts["values"]
             call_seconds += counts["seconds"]
             calls += counts["calls"]

@@ -321,7 +321,7 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
         from .tracking import Tracking
 
         run_id = Tracking.for_run(experiment.run).resumable_run(experiment.name, experiment.flat_params(),
-                                                                run_id).info.run_id
+                                                                run_id).id
     _start_ray(ray_address)
     verb = "resuming" if resume else "training"
     with err.status(f"{verb} '{experiment.name}' on {experiment.run.workers} worker(s)…"):
@@ -386,7 +386,7 @@ def teacher_import(source: Annotated[str, typer.Argument(metavar="NAME", help="t
     if not accuracy:
         from .tracking import Tracking
 
-        tags = Tracking.for_run(run).client.get_model_version(name, version).tags
+        tags = Tracking.for_run(run).version(name, version).tags
         accuracy = f"validation accuracy {100 * float(tags['deitlab.accuracy']):.1f}%"
     out.print(f"registered [bold]{imported.uri}[/]{f' (alias {alias})' if alias else ''}: {source},"
               f" sha256 {card['weights_sha256'][:16]}…, {card['params_m']} M params, {accuracy}", highlight=False)
@@ -547,7 +547,8 @@ def sweep_resume(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
 
 def _continue(start, message: str, how: str, ray_address: Optional[str]) -> None:
     """Run a resume or extend plan under the live table, with the states MLflow has for the trials already run."""
-    from .sweep import continue_sweep, trial_states
+    from .records import trial_states
+    from .sweep import continue_sweep
 
     err.print(message, highlight=False, soft_wrap=True)
     _ray(ray_address, start.sweep.experiment.run)
@@ -580,17 +581,19 @@ def sweep_status(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
     """The trials of a sweep and their states (from MLflow), its driver, and its Ray Jobs."""
     from rich.table import Table
 
-    from .sweep import DRIVER_TAG, JOB_TAG, driver_state, planned_trials, recorded_sweep, trial_states
+    from .records import driver_state, trial_states
+    from .sweep import planned_trials, recorded_sweep
+    from .tracking import DRIVER_TAG, JOB_TAG
 
     name, tracking = _located(sweep, workdir, tracking_uri, experiment)
     parent, recorded = recorded_sweep(tracking, name)
     states = trial_states(tracking, parent, list(planned_trials(recorded)), recorded.metric, recorded.mode,
                           history=True)
     driver = driver_state(parent)
-    out.print(f"sweep [bold]{name}[/]: MLflow parent run {parent.info.run_id} {parent.info.status}"
-              + (f", driver {parent.data.tags.get(DRIVER_TAG, '?')} {driver}" if parent.info.status == "RUNNING"
+    out.print(f"sweep [bold]{name}[/]: MLflow parent run {parent.id} {parent.status}"
+              + (f", driver {parent.tags.get(DRIVER_TAG, '?')} {driver}" if parent.status == "RUNNING"
                  else "")
-              + (f", Ray job {parent.data.tags[JOB_TAG]}" if JOB_TAG in parent.data.tags else ""), highlight=False)
+              + (f", Ray job {parent.tags[JOB_TAG]}" if JOB_TAG in parent.tags else ""), highlight=False)
     if address:
         from .jobs import sweep_jobs
 
@@ -604,7 +607,7 @@ def sweep_status(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
                       "—" if s.value is None else f"{s.value:.4f}", "—" if s.best is None else f"{s.best:.4f}",
                       s.run_id or "—", s.note[:60])
     out.print(table)
-    if parent.info.status == "RUNNING" and driver == "gone":
+    if parent.status == "RUNNING" and driver == "gone":
         out.print(f"the driver is gone: continue with `deitlab sweep resume {name}`", highlight=False)
 
 
@@ -617,7 +620,8 @@ def sweep_stop(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: Tra
     """Stop a running sweep: its Ray Job (--address), or its driver on this machine. `sweep resume` continues it."""
     import signal
 
-    from .sweep import DRIVER_TAG, driver_state
+    from .records import driver_state
+    from .tracking import DRIVER_TAG
 
     if address:
         from .jobs import check_dashboard_url, stop_jobs
@@ -634,13 +638,13 @@ def sweep_stop(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: Tra
     parent = tracking.sweep_parent(name)
     state = driver_state(parent)
     if state != "alive":
-        where = parent.data.tags.get(DRIVER_TAG, "?")
-        raise SpecError(f"sweep '{name}' has no running driver on this machine (parent run {parent.info.status},"
+        where = parent.tags.get(DRIVER_TAG, "?")
+        raise SpecError(f"sweep '{name}' has no running driver on this machine (parent run {parent.status},"
                         f" driver {where} {state}); for a submitted sweep give --address")
-    os.kill(int(parent.data.tags[DRIVER_TAG].rpartition(":")[2]), signal.SIGINT)  # Tune saves its state and stops
+    os.kill(int(parent.tags[DRIVER_TAG].rpartition(":")[2]), signal.SIGINT)  # Tune saves its state and stops
     with err.status(f"stopping sweep '{name}'…"):
         for _ in range(240):
-            if tracking.client.get_run(parent.info.run_id).info.status != "RUNNING":
+            if tracking.run(parent.id).status != "RUNNING":
                 break
             time.sleep(0.5)
     out.print(f"stopped sweep '{name}'; continue it with `deitlab sweep resume {name}`", highlight=False)

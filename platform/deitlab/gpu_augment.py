@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
+from .batches import IMAGENET_MEAN, IMAGENET_STD, EncodedImages
 from .errors import SpecError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PCT = 0.875  # DeiT evaluates on a centre crop of the image resized to img_size / 0.875
 PAD_BUDGET = 64 * 2**20  # elements of one padded float chunk for roi_align (256 MiB): bounds memory on huge images
 
@@ -41,20 +40,6 @@ PAD_BUDGET = 64 * 2**20  # elements of one padded float chunk for roi_align (256
 # decodes batches on the GPU as well).
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-
-
-class EncodedImages:
-    """A batch of JPEG files (1-D uint8 CPU tensors) bound for `device`. The engine calls `.to(device)` on every batch
-    it loads: that only records where the batch is going; BatchPipeline decodes it there."""
-
-    def __init__(self, data: list[torch.Tensor], device: torch.device | str = "cpu"):
-        self.data, self.device = list(data), torch.device(device)
-
-    def to(self, device, non_blocking: bool = False) -> EncodedImages:
-        return EncodedImages(self.data, device)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 def decode(images: EncodedImages, device: torch.device | str | None = None) -> list[torch.Tensor]:

@@ -22,9 +22,11 @@ from .checkpoints import Storage, write_checkpoint
 from .errors import SpecError, TrainingDiverged, one_line
 from .spec import ExperimentSpec, RunSpec, TeacherSpec, TeacherTrainingSpec
 from .step import DIVERGED_REASON
-from .tracking import (DIVERGED_TAG, GIT_COMMIT_TAG, KIND_TAG, LAST_FAILURE_TAG, MODEL_URI_TAG, RESUMED_FROM_TAG,
-                       RESUMES_TAG, STOPPED_TAG, TEACHER_ACC_TAG, TEACHER_FAMILY_TAG, TEACHER_SHA_TAG, TEACHER_TAG,
-                       WORKER_FAILURES_TAG, WORKER_NODES_TAG, MetricLogger, Tracking, git_commit)
+from .tracking import (BEST_EPOCH_TAG, DIVERGED_TAG, GIT_COMMIT_TAG, KIND_TAG, LAST_FAILURE_TAG, MODE_TAG,
+                       MODEL_URI_TAG, RESUMED_FROM_TAG, RESUMES_TAG, STOPPED_TAG, STUDENT_TAG, TEACHER_ACC_TAG,
+                       TEACHER_ARCH_TAG, TEACHER_FAMILY_TAG, TEACHER_GFLOPS_TAG, TEACHER_SHA_TAG, TEACHER_TAG,
+                       TOKEN_TAG, WORKER_FAILURES_TAG, WORKER_NODES_TAG, MetricLogger, Tracking, best_metric_tag,
+                       git_commit)
 
 log = logging.getLogger("deitlab.train")
 
@@ -166,15 +168,15 @@ def resolve_init_file(source: str, tracking: Tracking) -> str:
         return source
     run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
     try:
-        run = tracking.client.get_run(run_id)
+        run = tracking.run(run_id)
     except Exception:
         raise SpecError(f"init_from '{source}': no MLflow run '{run_id}' at '{tracking.tracking_uri}'") from None
-    params = run.data.params
+    params = run.params
     storage = params.get("run.storage", "None")
     if storage == "None":
         storage = str(Path(params.get("run.workdir", ".")) / "ray_results")
     store = Storage.open(storage, create=False)
-    found = store.latest_valid(ray_run_name(run.info.run_name, run_id))
+    found = store.latest_valid(ray_run_name(run.name, run_id))
     if found is None:
         raise SpecError(f"init_from '{source}': run {run_id} has no complete checkpoint in {storage}")
     return _node_cache(f"{storage}|{found[1]}", lambda staging: store.download(found[1], staging))
@@ -247,7 +249,7 @@ def open_run_log(tracking: Tracking, run_id: str, history: list[dict[str, float]
     # minutes of retries) and the metric logger keeps the values until the server is back.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    metrics_log = MetricLogger(tracking, run_id)
+    metrics_log = tracking.metric_logger(run_id)
     tracking.try_set_tags(run_id, {WORKER_NODES_TAG: ",".join(nodes)})
     try:
         logged = tracking.logged_epochs(run_id, strict=True)
@@ -299,41 +301,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                engine.epoch)
             student.on_step = metrics_log.log
             runs[student.name] = _RunLog(member.run_id, metrics_log, logged,
-                                         _system_metrics(member.run_id, unit.tracking))
+                                         unit.tracking.system_metrics(member.run_id))
         if runs and resumed_from:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", unit.name, resumed_from, engine.epoch)
         _train_epochs(unit, engine, rank, world_size, runs)
     finally:
         for record in runs.values():
             record.close()
-
-
-def _system_metrics(run_id: str, tracking: Tracking):
-    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on rank 0's node, or None
-    where psutil is missing or the monitor cannot start."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        class FlushingMonitor(SystemMetricsMonitor):
-            """MLflow's monitor drops the samples of its last, unfinished interval, so a run shorter than one
-            interval would record no system metrics at all: at the end, one more sample is taken and what was
-            collected since the last publication is logged."""
-
-            def finish(self):
-                running = self._process is not None
-                super().finish()  # stops and joins the sampling thread, flushes what it queued
-                if running:
-                    self.collect_metrics()
-                    self.publish_metrics(self.aggregate_metrics())
-                    self.mlflow_logger.flush()
-
-        monitor = FlushingMonitor(run_id, sampling_interval=5, resume_logging=True,
-                                  tracking_uri=tracking.tracking_uri)
-        monitor.start()
-        return monitor
-    except Exception as err:
-        log.warning("system metrics are not recorded (%s)", one_line(err, 200))
-        return None
 
 
 def _asha_stops(unit: TrainUnit, engine, results: dict[str, dict[str, float]], rank: int,
@@ -620,11 +594,11 @@ def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[
     """The tags an experiment's MLflow run is found and grouped by in the UI: mode, student, teacher and its family."""
     teacher = spec.teacher.label if spec.teacher else "none"
     info = teachers.get(teacher, {}) if spec.distillation.spec_mode.needs_teacher else {}
-    tags = {"deitlab.mode": spec.distillation.mode, "deitlab.student": spec.student.arch,
-            "deitlab.token": spec.distillation.uses_token, "deitlab.teacher": teacher,
+    tags = {MODE_TAG: spec.distillation.mode, STUDENT_TAG: spec.student.arch,
+            TOKEN_TAG: spec.distillation.uses_token, TEACHER_TAG: teacher,
             TEACHER_FAMILY_TAG: info.get("family", "none")}
     if info:
-        tags.update({"deitlab.teacher_arch": info["arch"], "deitlab.teacher_gflops": info["gflops"]})
+        tags.update({TEACHER_ARCH_TAG: info["arch"], TEACHER_GFLOPS_TAG: info["gflops"]})
         if info.get("sha256"):
             tags[TEACHER_SHA_TAG] = info["sha256"]
     return tags
@@ -663,7 +637,7 @@ def run_unit(unit: TrainUnit, callbacks: list | None = None, on_success=None) ->
         result = fit(unit, callbacks)
         storage = Storage.open(unit.first.run.resolved_storage, create=False)
         for member in tracked:
-            tags = tracking.client.get_run(member.run_id).data.tags
+            tags = tracking.run(member.run_id).tags
             if DIVERGED_TAG in tags and not unit.packed:  # the workers stopped early (and were not restarted)
                 raise TrainingDiverged(f"{member.name}: {tags[DIVERGED_TAG]} (MLflow run {member.run_id})")
             _record_member(unit, member, result, storage)
@@ -789,8 +763,8 @@ def _log_best_model(unit: TrainUnit, member: UnitMember, result, storage: Storag
                             metadata={"epoch": int(state["epoch"]), metric: metrics[metric], "run_id": member.run_id,
                                       "img_size": bundle.img_size, "mean": bundle.mean, "std": bundle.std})
     unit.tracking.log_artifact(member.run_id, path, "best_model")
-    unit.tracking.set_tags(member.run_id, {"deitlab.best_epoch": int(state["epoch"]),
-                                           f"deitlab.best_{metric}": metrics[metric]})
+    unit.tracking.set_tags(member.run_id, {BEST_EPOCH_TAG: int(state["epoch"]),
+                                           best_metric_tag(metric): metrics[metric]})
 
 
 def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | None = None) -> TrainOutcome:
@@ -801,7 +775,7 @@ def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | N
     check_fits(spec.run)
     resume_id = None
     if resume:
-        resume_id = tracking.resumable_run(spec.name, spec.flat_params(), run_id).info.run_id
+        resume_id = tracking.resumable_run(spec.name, spec.flat_params(), run_id).id
         # Checked here too, so damaged checkpoints are reported where the user is looking; the workers repeat it.
         found = storage.latest_valid(ray_run_name(spec.name, resume_id))
         if found is None:

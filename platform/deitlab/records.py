@@ -6,9 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from .tracking import DIVERGED_TAG, LAST_FAILURE_TAG, STOPPED_TAG, Tracking
-
-DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)
+from .tracking import DIVERGED_TAG, DRIVER_TAG, LAST_FAILURE_TAG, STOPPED_TAG, RunRecord, Tracking
 
 
 @dataclass(frozen=True)
@@ -26,22 +24,22 @@ class TrialState:
         return self.state in ("finished", "stopped")
 
 
-def is_done(run) -> bool:
-    return run.info.status == "FINISHED" or STOPPED_TAG in run.data.tags
+def is_done(run: RunRecord) -> bool:
+    return run.status == "FINISHED" or STOPPED_TAG in run.tags
 
 
-def runs_by_trial(tracking: Tracking, parent_id: str) -> dict[str, list]:
+def runs_by_trial(tracking: Tracking, parent_id: str) -> dict[str, list[RunRecord]]:
     """Child runs by trial name, newest first."""
     by_name: dict[str, list] = {}
     for run in reversed(tracking.child_runs(parent_id)):
-        by_name.setdefault(run.info.run_name, []).append(run)
+        by_name.setdefault(run.name, []).append(run)
     return by_name
 
 
-def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "acc", mode: str = "max",
+def trial_states(tracking: Tracking, parent: RunRecord, names: list[str], metric: str = "acc", mode: str = "max",
                  history: bool = False) -> list[TrialState]:
     """What MLflow says of each planned trial (the newest finished run, else the newest run)."""
-    by_name = runs_by_trial(tracking, parent.info.run_id)
+    by_name = runs_by_trial(tracking, parent.id)
     parent_alive = driver_state(parent) != "gone"
     states = []
     for name in names:
@@ -50,7 +48,7 @@ def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "ac
         if run is None:
             states.append(TrialState(name, "pending"))
             continue
-        status, tags, metrics = run.info.status, run.data.tags, run.data.metrics
+        status, tags, metrics = run.status, run.tags, run.metrics
         if status == "FINISHED":
             state, note = "finished", ""
         elif STOPPED_TAG in tags:
@@ -63,19 +61,19 @@ def trial_states(tracking: Tracking, parent, names: list[str], metric: str = "ac
             state, note = "interrupted", ""
         best = None
         if history and metric in metrics:
-            values = [m.value for m in tracking.client.get_metric_history(run.info.run_id, metric)]
+            values = [m.value for m in tracking.metric_history(run.id, metric)]
             best = (max if mode == "max" else min)(values) if values else None
         epoch = metrics.get("epoch")
-        states.append(TrialState(name, state, run.info.run_id, None if epoch is None else int(epoch),
+        states.append(TrialState(name, state, run.id, None if epoch is None else int(epoch),
                                  metrics.get(metric), best, note))
     return states
 
 
-def driver_state(parent) -> str:
+def driver_state(parent: RunRecord) -> str:
     """alive | gone | unknown: whether the sweep's driver process still runs (knowable only on its own host)."""
-    if parent.info.status != "RUNNING":
+    if parent.status != "RUNNING":
         return "gone"
-    host, _, pid = parent.data.tags.get(DRIVER_TAG, "").rpartition(":")
+    host, _, pid = parent.tags.get(DRIVER_TAG, "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return "unknown"
     try:

@@ -157,9 +157,9 @@ def _number(text: str | None) -> float | None:
 def _one_per_trial(children: list) -> list:
     """A retried trial has several runs: count its finished one, else its newest."""
     chosen: dict[str, Any] = {}
-    for run in sorted(children, key=lambda r: r.info.start_time or 0):
-        name = run.info.run_name
-        if name not in chosen or chosen[name].info.status != "FINISHED":
+    for run in sorted(children, key=lambda r: r.start_time or 0):
+        name = run.name
+        if name not in chosen or chosen[name].status != "FINISHED":
             chosen[name] = run
     return list(chosen.values())
 
@@ -169,7 +169,7 @@ def build_report(tracking: Tracking, sweep: str) -> SweepReport:
     groups: dict[tuple, AblationRow] = {}
     values: dict[tuple, dict[str, list[float]]] = {}
     for run in _one_per_trial(children):
-        p = run.data.params
+        p = run.params
         mode = p.get(CONFIG_PARAMS["mode"], "?")
         facts = modes.describe(mode)
         key = (mode, p.get(CONFIG_PARAMS["token"]) == "True",
@@ -177,20 +177,20 @@ def build_report(tracking: Tracking, sweep: str) -> SweepReport:
                _number(p.get(CONFIG_PARAMS["lambda"])) if facts.uses_lambda else None,
                p.get(CONFIG_PARAMS["teacher"], "none"))
         row = groups.setdefault(key, AblationRow(*key, seeds=[], runs=[]))
-        if STOPPED_TAG in run.data.tags:  # ASHA cut it short: its partial metrics would bias the row
+        if STOPPED_TAG in run.tags:  # ASHA cut it short: its partial metrics would bias the row
             row.stopped += 1
             continue
         row.seeds.append(int(_number(p.get("run.seed")) or 0))
-        row.runs.append(run.info.run_id)
-        if run.info.status != "FINISHED":
-            row.status = run.info.status
+        row.runs.append(run.id)
+        if run.status != "FINISHED":
+            row.status = run.status
         for metric in METRICS:
-            if metric in run.data.metrics:
-                values.setdefault(key, {}).setdefault(metric, []).append(run.data.metrics[metric])
+            if metric in run.metrics:
+                values.setdefault(key, {}).setdefault(metric, []).append(run.metrics[metric])
     for key, row in groups.items():
         row.metrics = {m: Stat.of(values.get(key, {}).get(m, [])) for m in METRICS}
     rows = sorted(groups.values(), key=lambda r: (modes.order(r.mode), r.teacher, r.tau or 0, r.lam or 0))
-    return SweepReport(sweep, parent.info.run_id, parent.info.status, tracking.tracking_uri, rows,
+    return SweepReport(sweep, parent.id, parent.status, tracking.tracking_uri, rows,
                        teacher_comparison(rows))
 
 

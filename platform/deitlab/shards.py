@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .batches import EncodedImages, ShardBatchSampler
 from .checkpoints import Storage
 from .errors import SpecError, one_line
 
@@ -475,8 +476,6 @@ class ParquetBatches:
 
     def __init__(self, images: ParquetImages, batch_size: int, *, shuffle: bool, rank: int = 0, world_size: int = 1,
                  seed: int = 0, prefetch: int = 2, repeats: int = 1):
-        from .data import ShardBatchSampler
-
         self.images, self.prefetch = images, prefetch
         self.sampler = ShardBatchSampler(len(images), batch_size, shuffle=shuffle, rank=rank, world_size=world_size,
                                          seed=seed, repeats=repeats)
@@ -488,8 +487,6 @@ class ParquetBatches:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple]:
-        from .gpu_augment import EncodedImages
-
         producer = ThreadPoolExecutor(1, thread_name_prefix="deitlab-pack-prefetch")
         pending: deque = deque()
         try:

@@ -22,9 +22,10 @@ from . import modes
 from .errors import SpecError, one_line
 from .packs import plan_packs, rungs_actor
 from .ray_train import check_fits, cluster_shapes, common_tags, preflight_teachers, worker_resources
-from .records import DRIVER_TAG, TrialState, driver_state, runs_by_trial, trial_states
+from .records import TrialState, driver_state, runs_by_trial, trial_states
 from .spec import TEACHER_KEY, ExperimentSpec, SweepSpec, TeacherTrainingSpec, validate
-from .tracking import KIND_TAG, LAST_FAILURE_TAG, SWEEP_TAG, Tracking
+from .tracking import (DRIVER_TAG, EXTENSIONS_TAG, JOB_TAG, KIND_TAG, LAST_FAILURE_TAG, SPEC_HASH_TAG, SWEEP_TAG,
+                       TRIALS_TAG, TUNE_RUN_TAG, Tracking)
 from .trials import stop_recorder, sweep_trial, teacher_trial
 
 log = logging.getLogger("deitlab.sweep")
@@ -34,12 +35,7 @@ log = logging.getLogger("deitlab.sweep")
 # last checkpoint, while the trial goes on; a CPU-less head (as the cluster configs set up) still hosts trials.
 TRIAL_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.001}
 PLAN_ARTIFACT = "sweep.json"  # the resolved sweep spec, on the parent run
-TUNE_RUN_TAG = "deitlab.tune_run"  # the Tune experiment directory (under the run storage) of the latest start
-JOB_TAG = "deitlab.ray_job_id"
 JOB_ENV = "DEITLAB_RAY_JOB_ID"  # set by `sweep submit` in the job's environment
-SPEC_HASH_TAG = "deitlab.spec_hash"
-TRIALS_TAG = "deitlab.trials"
-EXTENSIONS_TAG = "deitlab.extensions"
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -213,11 +209,11 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
     # A trial whose process died (out of memory, a lost node) could not close its MLflow run: Tune knows why.
     errors = {member: r.error for r in results if r.error is not None for member in units.get(r.config["trial"], [])}
     for name, runs in runs_by_trial(tracking, parent_id).items():
-        if name in errors and runs and runs[0].info.status == "RUNNING":
+        if name in errors and runs and runs[0].status == "RUNNING":
             text = one_line(errors[name], 250)
-            tracking.try_set_tags(runs[0].info.run_id, {LAST_FAILURE_TAG: text})
-            tracking.end_run(runs[0].info.run_id, "FAILED")
-    parent = tracking.client.get_run(parent_id)
+            tracking.try_set_tags(runs[0].id, {LAST_FAILURE_TAG: text})
+            tracking.end_run(runs[0].id, "FAILED")
+    parent = tracking.run(parent_id)
     states = trial_states(tracking, parent, list(specs), sweep.metric, sweep.mode, history=True)
     if any(s.state in ("pending", "running", "interrupted") for s in states if s.name in names):
         _close_interrupted(tracking, parent_id)  # Tune returns normally after Ctrl-C / `sweep stop`
@@ -230,8 +226,8 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
 def _close_interrupted(tracking: Tracking, parent_id: str) -> None:
     """The parent and the trials that were running end KILLED: nothing is left RUNNING for a dead driver."""
     for run in tracking.child_runs(parent_id):
-        if run.info.status == "RUNNING":
-            tracking.end_run(run.info.run_id, "KILLED")
+        if run.status == "RUNNING":
+            tracking.end_run(run.id, "KILLED")
     tracking.end_run(parent_id, "KILLED")
 
 
@@ -254,8 +250,8 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None) -> SweepOutcome:
 def recorded_sweep(tracking: Tracking, name: str):
     """(parent run, the SweepSpec it recorded) of the newest sweep called `name`."""
     parent = tracking.sweep_parent(name)
-    raw = tracking.read_json(parent.info.run_id, PLAN_ARTIFACT)
-    sweep = validate(SweepSpec, raw, source=f"sweep '{name}' (recorded on run {parent.info.run_id})")
+    raw = tracking.read_json(parent.id, PLAN_ARTIFACT)
+    sweep = validate(SweepSpec, raw, source=f"sweep '{name}' (recorded on run {parent.id})")
     return parent, sweep
 
 
@@ -290,12 +286,12 @@ def plan_resume(tracking: Tracking, name: str, retry_errored: bool = False) -> S
             "; add trials with `deitlab sweep extend`"
         raise SpecError(f"sweep '{name}': nothing to resume, every trial has ended{hint}")
     if driver_state(parent) == "alive":
-        raise SpecError(f"sweep '{name}' is still running (driver {parent.data.tags[DRIVER_TAG]});"
+        raise SpecError(f"sweep '{name}' is still running (driver {parent.tags[DRIVER_TAG]});"
                         f" stop it first with `deitlab sweep stop {name}`")
-    tune_name = parent.data.tags.get(TUNE_RUN_TAG, "")
+    tune_name = parent.tags.get(TUNE_RUN_TAG, "")
     restore = bool(tune_name) and _can_restore(sweep.experiment.run, tune_name)
     if not restore:  # the driver died before Tune saved its state: a new Tune run over what is left
-        tune_name = f"{sweep.name}-{parent.info.run_id[:8]}-r{len(todo)}"
+        tune_name = f"{sweep.name}-{parent.id[:8]}-r{len(todo)}"
     return SweepStart(sweep, specs, tracking, parent, todo, tune_name, restore, retry_errored)
 
 
@@ -304,7 +300,7 @@ def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> Swe
     from .spec import _set_dotted
 
     parent, old = recorded_sweep(tracking, name)
-    if parent.info.status == "RUNNING":
+    if parent.status == "RUNNING":
         raise SpecError(f"sweep '{name}' has not ended; finish it with `deitlab sweep resume {name}` first")
     if not overrides:
         raise SpecError("sweep extend: give what to add with --set, e.g. --set 'seeds=[0,1,2,3,4]'")
@@ -319,20 +315,20 @@ def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> Swe
     if changed or (new.metric, new.mode) != (old.metric, old.mode):
         raise SpecError(f"sweep extend: {'teacher ' + ', '.join(changed) if changed else 'metric and mode'} cannot"
                         " change; add teachers under new names")
-    existing = runs_by_trial(tracking, parent.info.run_id)
+    existing = runs_by_trial(tracking, parent.id)
     specs = planned_trials(new)
     added = [n for n in specs if n not in existing]
     if not added:
         raise SpecError(f"sweep extend: the changes add no trial to sweep '{name}'")
-    extension = int(parent.data.tags.get(EXTENSIONS_TAG, "0")) + 1
-    return SweepStart(new, specs, tracking, parent, added, f"{name}-{parent.info.run_id[:8]}-x{extension}",
+    extension = int(parent.tags.get(EXTENSIONS_TAG, "0")) + 1
+    return SweepStart(new, specs, tracking, parent, added, f"{name}-{parent.id[:8]}-x{extension}",
                       extension=extension)
 
 
 def continue_sweep(start: SweepStart, callbacks: list | None = None) -> SweepOutcome:
     """Run a resume or extend plan under the sweep's parent run."""
     teachers = _check(start.sweep, {n: start.specs[n] for n in start.todo}, start.tracking)
-    parent_id = start.parent.info.run_id
+    parent_id = start.parent.id
     start.tracking.reopen_run(parent_id)
     if start.extension:
         start.tracking.log_json(parent_id, PLAN_ARTIFACT, start.sweep.model_dump(mode="json", by_alias=True))

@@ -15,7 +15,8 @@ from typing import Any
 
 from .errors import SpecError
 from .spec import HF_HUB_PREFIX, DataSpec, RunSpec
-from .tracking import KIND_TAG, TEACHER_ACC_TAG, TEACHER_FAMILY_TAG, TEACHER_SHA_TAG, Tracking
+from .tracking import (KIND_TAG, MODEL_URI_TAG, TEACHER_ACC_TAG, TEACHER_FAMILY_TAG, TEACHER_SHA_TAG, TEACHER_TAG,
+                       Tracking)
 
 log = logging.getLogger("deitlab.teacher_import")
 
@@ -78,7 +79,7 @@ def import_teacher(name: str, registered: str, run: RunSpec, data: DataSpec | No
     tracking = Tracking.for_run(run)
     tracking.experiment_id()
     run_id = tracking.start_run(f"import-{registered}", params={"source": name, "registered": registered},
-                                tags={KIND_TAG: "teacher", "deitlab.teacher": registered, TEACHER_SHA_TAG: sha or "",
+                                tags={KIND_TAG: "teacher", TEACHER_TAG: registered, TEACHER_SHA_TAG: sha or "",
                                       TEACHER_FAMILY_TAG: card["family"]})
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +89,7 @@ def import_teacher(name: str, registered: str, run: RunSpec, data: DataSpec | No
                                     num_classes=model.num_classes, in_chans=in_chans, metadata=metadata)
             tracking.log_artifact(run_id, path, "teacher")
         uri = tracking.register_teacher(run_id, "teacher", registered, accuracy, tags=card, alias=alias)
-        tags = {"deitlab.model_uri": uri}
+        tags = {MODEL_URI_TAG: uri}
         if accuracy is not None:
             tags[TEACHER_ACC_TAG] = accuracy
         tracking.set_tags(run_id, tags)

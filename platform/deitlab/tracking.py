@@ -44,6 +44,23 @@ PACK_TAG = "deitlab.pack"  # the pack (one Ray Train run) a trial trained in
 PACK_SIZE_TAG = "deitlab.pack_size"
 TEACHER_TAG = "deitlab.teacher"  # the teacher's label (a sweep's teacher name), or "none"
 MODEL_URI_TAG = "deitlab.model_uri"  # a teacher run's registered version
+MODE_TAG = "deitlab.mode"
+STUDENT_TAG = "deitlab.student"
+TOKEN_TAG = "deitlab.token"  # whether the student has the distillation token
+TEACHER_ARCH_TAG = "deitlab.teacher_arch"
+TEACHER_GFLOPS_TAG = "deitlab.teacher_gflops"
+BEST_EPOCH_TAG = "deitlab.best_epoch"  # the epoch of the run's best_model/
+DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)
+TUNE_RUN_TAG = "deitlab.tune_run"  # the Tune experiment directory (under the run storage) of a sweep's latest start
+JOB_TAG = "deitlab.ray_job_id"
+SPEC_HASH_TAG = "deitlab.spec_hash"
+TRIALS_TAG = "deitlab.trials"
+EXTENSIONS_TAG = "deitlab.extensions"
+
+
+def best_metric_tag(metric: str) -> str:
+    """The tag of the best value of `metric` (beside BEST_EPOCH_TAG)."""
+    return f"deitlab.best_{metric}"
 TEACHER_FAMILY_TAG = "deitlab.teacher_family"  # convnet | transformer: what the UI groups teachers by
 TEACHER_SHA_TAG = "deitlab.teacher_sha256"  # SHA-256 of the file the teacher's weights came from
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
@@ -138,6 +155,50 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "") if commit else None
 
 
+# ------------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class RunRecord:
+    """One tracked run as deitlab reads it back: what the sweep driver, `sweep status`, `report` and the CLI use. The
+    tracking backend's own run objects stay inside this module."""
+
+    id: str
+    name: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    experiment_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # each metric's latest value
+    artifact_uri: str = ""
+    start_time: int = 0  # ms since the epoch
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    step: int
+    value: float
+    timestamp: int  # ms since the epoch
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A registered model version: its number, tags and where its files are."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    source: str
+
+
+def _run_record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name, run.info.status, run.info.experiment_id,
+                     dict(run.data.params), dict(run.data.tags), dict(run.data.metrics), run.info.artifact_uri or "",
+                     run.info.start_time or 0)
+
+
+def _version_record(version) -> VersionRecord:
+    return VersionRecord(version.name, str(version.version), dict(version.tags or {}), version.source)
+
+
 @dataclass(frozen=True)
 class Tracking:
     """Where runs go: a tracking URI, an experiment name, and (for local stores) an artifact root."""
@@ -165,6 +226,13 @@ class Tracking:
         return _client(self.tracking_uri)
 
     # ------------------------------------------------------------------------------------------- runs
+    def run(self, run_id: str) -> RunRecord:
+        return _run_record(self.client.get_run(run_id))
+
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
+        return [MetricPoint(int(m.step), float(m.value), int(m.timestamp))
+                for m in self.client.get_metric_history(run_id, key)]
+
     def experiment_id(self, create: bool = True) -> str | None:
         """The experiment's id, created once by the driver (concurrent first creation of SQLite stores races)."""
         client = self.client
@@ -232,7 +300,7 @@ class Tracking:
     def logged_epochs(self, run_id: str, strict: bool = False) -> set[int]:
         """Epochs already in the run's metric history (rank 0 reads this on every start, so none is logged twice)."""
         try:
-            return {int(m.step) for m in self.client.get_metric_history(run_id, EPOCH_METRIC)}
+            return {m.step for m in self.metric_history(run_id, EPOCH_METRIC)}
         except Exception as err:
             if strict:
                 raise
@@ -241,12 +309,12 @@ class Tracking:
 
     def record_resume(self, run_id: str, checkpoint: str, epoch: int) -> None:
         try:
-            resumes = int(self.client.get_run(run_id).data.tags.get(RESUMES_TAG, "0")) + 1
+            resumes = int(self.run(run_id).tags.get(RESUMES_TAG, "0")) + 1
         except Exception:
             resumes = 1
         self.try_set_tags(run_id, {RESUMED_FROM_TAG: f"{checkpoint} (epoch {epoch})", RESUMES_TAG: resumes})
 
-    def resumable_run(self, name: str, params: dict[str, Any], run_id: str | None = None):
+    def resumable_run(self, name: str, params: dict[str, Any], run_id: str | None = None) -> RunRecord:
         """The run `--resume` continues: `run_id`, or the newest unfinished `train` run called `name`.
 
         Its recorded params must match the spec, except how it is executed (RESUMABLE_CHANGES).
@@ -271,16 +339,17 @@ class Tracking:
             if not found:
                 raise SpecError(f"--resume: no unfinished run '{name}' in experiment '{self.experiment}'")
             run = found[0]
-        if run.data.tags.get(KIND_TAG) != "train" or run.info.run_name != name:
-            raise SpecError(f"--resume: run {run.info.run_id} is not a `deitlab train` run of '{name}'")
-        if run.info.status == "FINISHED":
-            raise SpecError(f"--resume: run {run.info.run_id} has already finished")
+        run = _run_record(run)
+        if run.tags.get(KIND_TAG) != "train" or run.name != name:
+            raise SpecError(f"--resume: run {run.id} is not a `deitlab train` run of '{name}'")
+        if run.status == "FINISHED":
+            raise SpecError(f"--resume: run {run.id} has already finished")
         changed = sorted(k for k, v in params.items()
                          if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES)
-                         and run.data.params.get(k) != _recorded(k, v))
+                         and run.params.get(k) != _recorded(k, v))
         if changed:
-            shown = ", ".join(f"{k} ({run.data.params.get(k)} -> {_recorded(k, params[k])})" for k in changed[:4])
-            raise SpecError(f"--resume: the spec differs from run {run.info.run_id} in {shown}; resume with the spec"
+            shown = ", ".join(f"{k} ({run.params.get(k)} -> {_recorded(k, params[k])})" for k in changed[:4])
+            raise SpecError(f"--resume: the spec differs from run {run.id} in {shown}; resume with the spec"
                             " the run started with")
         return run
 
@@ -293,7 +362,7 @@ class Tracking:
     def end_if_running(self, run_id: str, status: str) -> None:
         """End the run unless someone already did (the sweep driver ends a trial that ASHA stopped, as KILLED)."""
         try:
-            if self.client.get_run(run_id).info.status != "RUNNING":
+            if self.run(run_id).status != "RUNNING":
                 return
         except Exception:
             pass
@@ -341,12 +410,15 @@ class Tracking:
         except Exception as err:
             raise SpecError(f"teacher URI '{uri}': {one_line(err)}") from None
 
-    def latest_version(self, name: str):
+    def latest_version(self, name: str) -> VersionRecord:
         """The newest registered version of `name`."""
         versions = self.client.search_model_versions(f"name = '{name}'")
         if not versions:
             raise SpecError(f"registered model '{name}' has no versions at '{self.tracking_uri}'")
-        return max(versions, key=lambda v: int(v.version))
+        return _version_record(max(versions, key=lambda v: int(v.version)))
+
+    def version(self, name: str, version: str) -> VersionRecord:
+        return _version_record(self.client.get_model_version(name, version))
 
     def model_source(self, uri: str) -> str:
         """The artifact location behind models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS.
@@ -389,7 +461,7 @@ class Tracking:
                 raise SpecError(f"run {run_id}: cannot read its artifact '{name}': {one_line(err)}") from None
 
     # ------------------------------------------------------------------------------------------- queries
-    def sweep_parent(self, sweep: str):
+    def sweep_parent(self, sweep: str) -> RunRecord:
         """The newest parent run of the sweep called `sweep` in this experiment."""
         experiment_id = self.experiment_id(create=False)
         if experiment_id is None:
@@ -398,7 +470,7 @@ class Tracking:
                                           order_by=["attributes.start_time DESC"], max_results=1)
         if not parents:
             raise SpecError(f"no sweep '{sweep}' in experiment '{self.experiment}' at '{self.tracking_uri}'")
-        return parents[0]
+        return _run_record(parents[0])
 
     def sweep_experiment(self, sweep: str) -> str | None:
         """The experiment that holds the newest sweep called `sweep`, searching all of the store's experiments."""
@@ -411,17 +483,63 @@ class Tracking:
                                    max_results=1) if ids else []
         return client.get_experiment(found[0].info.experiment_id).name if found else None
 
-    def child_runs(self, parent_id: str) -> list:
+    def child_runs(self, parent_id: str) -> list[RunRecord]:
         """The parent's child runs, oldest first."""
-        run = self.client.get_run(parent_id)
-        children = self.client.search_runs([run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
+        experiment_id = self.run(parent_id).experiment_id
+        children = self.client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
                                            max_results=5000, order_by=["attributes.start_time ASC"])
-        return list(children)
+        return [_run_record(run) for run in children]
 
-    def sweep_runs(self, sweep: str):
+    def sweep_runs(self, sweep: str) -> tuple[RunRecord, list[RunRecord]]:
         """(parent run, [child runs]) of the newest sweep called `sweep` in this experiment."""
         parent = self.sweep_parent(sweep)
-        return parent, self.child_runs(parent.info.run_id)
+        return parent, self.child_runs(parent.id)
+
+    def system_metrics(self, run_id: str, interval_s: float = 5.0):
+        """MLflow's system-metrics monitor for the run (CPU, memory, disk, network; GPU with nvidia-ml-py), started;
+        `finish()` records a last sample. None where psutil is missing or the monitor cannot start."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            class FlushingMonitor(SystemMetricsMonitor):
+                """MLflow's monitor drops the samples of its last, unfinished interval, so a run shorter than one
+                interval would record no system metrics at all: at the end, one more sample is taken and what was
+                collected since the last publication is logged."""
+
+                def finish(self):
+                    running = self._process is not None
+                    super().finish()  # stops and joins the sampling thread, flushes what it queued
+                    if running:
+                        self.collect_metrics()
+                        self.publish_metrics(self.aggregate_metrics())
+                        self.mlflow_logger.flush()
+
+            monitor = FlushingMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                      tracking_uri=self.tracking_uri)
+            monitor.start()
+            return monitor
+        except Exception as err:
+            log.warning("system metrics are not recorded (%s)", one_line(err, 200))
+            return None
+
+    def metric_sender(self):
+        """A backend-neutral send function for MetricLogger: send(run_id, [(key, value, timestamp_ms, step), ...]);
+        raises MetricsRefused when the store refuses the values (retrying cannot help), any other error when it
+        cannot be reached."""
+        client = self.client
+
+        def send(run_id: str, items: list[tuple]) -> None:
+            try:
+                client.log_batch(run_id, metrics=[_metric(*item) for item in items])
+            except Exception as err:
+                if _rejected(err):
+                    raise MetricsRefused(one_line(err)) from None
+                raise
+
+        return send
+
+    def metric_logger(self, run_id: str, **options) -> MetricLogger:
+        return MetricLogger(self.metric_sender(), run_id, **options)
 
 
 # ------------------------------------------------------------------------------------------------- metric logging
@@ -437,8 +555,13 @@ def metric_entities(metrics: dict[str, float], step: int) -> list:
     return [_metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
 
 
+class MetricsRefused(Exception):
+    """The tracking store refused metric values (a deleted run, invalid values): they are dropped, not retried."""
+
+
 class MetricLogger:
-    """Rank 0's metric logger: `log()` never blocks and never raises; a thread sends batches to MLflow.
+    """Rank 0's metric logger: `log()` never blocks and never raises; a thread sends batches through `send`
+    (Tracking.metric_sender: the logger itself knows no backend).
 
     While the tracking server is unreachable values wait in memory (at most `max_pending`), the oldest beyond that in
     a spill file on local disk (JSON lines), and are all sent, oldest first, when it answers again. `close()` waits
@@ -448,9 +571,9 @@ class MetricLogger:
 
     BATCH = 1000  # MLflow's limit of metrics per log_batch
 
-    def __init__(self, tracking: Tracking, run_id: str, spill_dir: str | Path | None = None,
+    def __init__(self, send, run_id: str, spill_dir: str | Path | None = None,
                  max_pending: int = 50_000, max_backoff_s: float = 10.0, interval_s: float = 2.0):
-        self.tracking, self.run_id = tracking, run_id
+        self.send, self.run_id = send, run_id
         # At most one send per interval (unless a full batch waits): each MLflow call is Python-heavy and holds the
         # GIL; one per step took 14-19 % of a 60 ms CPU step here, one per 2 s is lost in the noise.
         self.interval_s = interval_s
@@ -464,7 +587,6 @@ class MetricLogger:
         self._closing = False
         self._deadline = math.inf
         self.down_since: float | None = None
-        self._client = tracking.client
         self._thread = threading.Thread(target=self._loop, name="deitlab-metrics", daemon=True)
         self._thread.start()
 
@@ -529,11 +651,10 @@ class MetricLogger:
                 batch = self._read_spill(self.BATCH) if from_spill else list(self._pending)[: self.BATCH]
             self._last_send = time.monotonic()
             try:
-                self._client.log_batch(self.run_id, metrics=[_metric(*item) for item in batch])
+                self.send(self.run_id, batch)
             except Exception as err:
-                if _rejected(err):  # the store refuses these values (e.g. a deleted run): retrying cannot help
-                    log.warning("MLflow refused %d metric value(s) of run %s: %s", len(batch), self.run_id,
-                                one_line(err))
+                if isinstance(err, MetricsRefused):  # e.g. a deleted run: retrying cannot help
+                    log.warning("MLflow refused %d metric value(s) of run %s: %s", len(batch), self.run_id, err)
                 else:
                     if self.down_since is None:
                         self.down_since = time.monotonic()

@@ -36,15 +36,15 @@ def sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, Experi
         if done is not None:  # it ended before the driver died, after Tune last saved its state: never train again
             ended.append(done)
             continue
-        unfinished = next((r for r in runs if r.info.status in ("RUNNING", "KILLED")), None)
+        unfinished = next((r for r in runs if r.status in ("RUNNING", "KILLED")), None)
         tags = {SWEEP_TAG: sweep_name, KIND_TAG: "trial", TRIAL_ID_TAG: tune.get_context().get_trial_id(),
                 TEACHER_ROLE_TAG: "distillation" if spec.distillation.spec_mode.needs_teacher else "reference",
                 **({PACK_TAG: unit_name, PACK_SIZE_TAG: len(names)} if packed else {}), **run_tags(spec, teachers)}
         run_id = open_run(tracking, spec, name, tags, parent_id,
-                          resume_run_id=unfinished.info.run_id if unfinished else None)
+                          resume_run_id=unfinished.id if unfinished else None)
         members.append(UnitMember(name, spec, run_id))
     if not members:
-        tune.report(dict(ended[0].data.metrics) if ended and not packed else {"epoch": 0})
+        tune.report(dict(ended[0].metrics) if ended and not packed else {"epoch": 0})
         return
     if packed:
         unit = TrainUnit(tuple(members), tracking, f"{unit_name}-{parent_id[:8]}", metric, rungs, packed=True)
@@ -80,13 +80,13 @@ def stop_recorder(tracking: Tracking, parent_id: str, specs: dict[str, Experimen
             if name not in epochs or epoch >= epochs[name]:
                 return
             for run in runs_by_trial(tracking, parent_id).get(name, []):
-                if run.info.status == "RUNNING":
+                if run.status == "RUNNING":
                     value = result.get(metric)
                     shown = f"{value:.4f}" if isinstance(value, float) else "?"
                     # Its workers were ended with the trial: what rank 0 had not yet sent is in the checkpoint.
-                    fill_from_checkpoint(tracking, run.info.run_id, storages[name], name)
-                    tracking.try_set_tags(run.info.run_id, {
+                    fill_from_checkpoint(tracking, run.id, storages[name], name)
+                    tracking.try_set_tags(run.id, {
                         STOPPED_TAG: f"ASHA at epoch {epoch} of {epochs[name]} ({metric} {shown})"})
-                    tracking.end_run(run.info.run_id, "KILLED")
+                    tracking.end_run(run.id, "KILLED")
 
     return StopRecorder()

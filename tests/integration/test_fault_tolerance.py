@@ -174,7 +174,7 @@ def test_resume_refuses_a_changed_spec_and_a_stray_run_id(tmp_path):
     spec = _spec("ft-changed", tmp_path, str(tmp_path / "store"))
     tracking = Tracking.for_run(spec.run)
     run_id = tracking.start_run("ft-changed", params=spec.flat_params(), tags={"deitlab.kind": "train"})
-    assert tracking.resumable_run("ft-changed", spec.flat_params()).info.run_id == run_id
+    assert tracking.resumable_run("ft-changed", spec.flat_params()).id == run_id
     # more workers is how it runs; another learning rate is another experiment
     assert tracking.resumable_run("ft-changed", spec.with_overrides({"run.workers": 1}).flat_params())
     with pytest.raises(SpecError, match=r"differs from run .* in optim.lr \(0.002 -> 0.1\)"):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from deitlab.data import (BatchPipeline, DataBundle, ShardBatchSampler, TensorBatches, batch_slices, load_data,
-                          random_affine)
+from deitlab.batches import ShardBatchSampler, batch_slices
+from deitlab.data import BatchPipeline, DataBundle, TensorBatches, load_data, random_affine
 from deitlab.errors import SpecError
 from deitlab.models import build_classifier, build_student, load_teacher, save_model, student_heads
 from deitlab.spec import DataSpec, DistillationSpec, StudentSpec, AugmentSpec

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from deitlab.data import shard_indices
+from deitlab.batches import shard_indices
 from deitlab.distill import head_predictions
 from deitlab.errors import SpecError
 from deitlab.pretrained import InputConfig, TeacherInput, adapt_teacher, create_pretrained, file_sha256, weights_file

@@ -8,7 +8,7 @@ import torch
 from conftest import free_port
 from deitlab.distill import confusion_counts
 from deitlab.redact import REDACTED, scrub, scrub_item, scrub_tree
-from deitlab.tracking import MetricLogger, Tracking
+from deitlab.tracking import Tracking
 
 AWS_KEY_ID = "AKIAZZZZEXAMPLE12345"
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYplantedKEY"
@@ -52,7 +52,7 @@ def test_metric_logger_keeps_values_on_disk_while_mlflow_is_down_and_delivers_th
     spill = tmp_path / "spill"
     # Nothing listens on this port: every send fails, as with a tracking server that is down.
     down = Tracking(f"http://127.0.0.1:{free_port()}", "buffer")
-    logger = MetricLogger(down, run_id, spill_dir=spill, max_pending=40, max_backoff_s=0.2)
+    logger = down.metric_logger(run_id, spill_dir=spill, max_pending=40, max_backoff_s=0.2)
     for step in range(100):
         logger.log({"loss": 1.0 / (step + 1), "lr": 0.1, "skipped_nan": float("nan")}, step=step)
     assert logger.flush(timeout=1.0) is False
@@ -61,7 +61,7 @@ def test_metric_logger_keeps_values_on_disk_while_mlflow_is_down_and_delivers_th
     assert len(lines) == 200 and json.loads(lines[0])[:2] == ["loss", 1.0]
 
     # A new logger for the run (a restarted rank 0) finds the spill file and delivers it to a store that answers.
-    again = MetricLogger(store, run_id, spill_dir=spill)
+    again = store.metric_logger(run_id, spill_dir=spill)
     assert again.undelivered == 200
     again.log({"loss": 0.001}, step=100)
     assert again.flush(timeout=30) is True and again.close(timeout=5) == 0
