@@ -272,9 +272,8 @@ def commands_in_file(path: Path, name: str | None = None) -> list[Command]:
 @functools.lru_cache(maxsize=1)
 def cli():
     """The click command tree behind `deitlab`."""
-    import typer.main
-
     import deitlab.cli
+    import typer.main
 
     return typer.main.get_command(deitlab.cli.app)
 
@@ -321,7 +320,7 @@ def _paths_need_not_exist(command):
 
 
 def _step_bench_parser():
-    from deitlab.step_bench import parser
+    from deitlab.bench.step import parser
 
     return parser()
 

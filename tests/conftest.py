@@ -35,8 +35,7 @@ TINY_STUDENT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
-
-    from deitlab.ray_train import ensure_ray
+    from deitlab.orchestration.cluster import ensure_ray
 
     ensure_ray(num_cpus=4)
     yield ray

@@ -1,4 +1,4 @@
 """`python -m deitlab …`: the CLI, for machines where the console script is not installed (Ray Job entrypoints)."""
-from .cli import app
+from deitlab.cli import app
 
 app(prog_name="deitlab")

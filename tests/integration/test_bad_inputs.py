@@ -23,8 +23,8 @@ import pytest
 
 DEITLAB = Path(sys.executable).parent / "deitlab"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md"
-CATEGORIES = ("spec", "CLI option", "storage URI", "credentials", "cluster address", "corrupt image",
-              "corrupt checkpoint")
+CATEGORIES = ("spec", "CLI option", "storage URI", "credentials", "cluster address", "cluster resources",
+              "corrupt image", "corrupt checkpoint")
 BUCKET = "bad-inputs"
 PARALLEL = 3  # subprocesses at once: most cases wait on Python imports, not on each other
 TIMEOUT_S = 120
@@ -59,6 +59,7 @@ S3 = {"AWS_ENDPOINT_URL": "http://{s3}", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY000
 
 PRETRAINED = "name: e\n" + STUDENT + "teacher: TEACHER\ndistillation: {mode: hard}\noptim: {epochs: 1}\n"
 EMPTY_HUB = {"HF_HOME": "{dir}/hf", "HF_HUB_OFFLINE": "1"}  # a hub cache of the case's own ("@hub": one model)
+URI_TEACHER = "name: e\n" + STUDENT + "teacher: {uri: 'URI'}\ndistillation: {mode: hard}\noptim: {epochs: 1}\n"
 RAY_JOB_DIR = "session/runtime_resources/working_dir_files/_ray_pkg_0a1b2c3d"  # where Ray unpacks a job's working_dir
 
 CASES = [
@@ -286,6 +287,40 @@ CASES = [
          "error: the MLflow store would be kept in {dir}/" + RAY_JOB_DIR + "/work/mlflow.db, inside this Ray job's"
          " temporary working_dir, which Ray deletes: give an absolute --workdir outside it (or run.tracking_uri and"
          " run.storage)", {RAY_JOB_DIR + "/exp.yaml": EXP}, cwd=RAY_JOB_DIR),
+    Case("storage-workdir-pseudo-fs", "storage URI", "`deitlab train exp.yaml --workdir /proc/deitlab` (a pseudo"
+                                                     " file system, where even root cannot make folders)",
+         ("train", "exp.yaml", "--workdir", "/proc/deitlab"),
+         "error: the work directory (--workdir) '/proc/deitlab': cannot create folders in '/proc' (", {"exp.yaml": EXP}),
+    Case("spec-teacher-unknown-registered-model", "spec", "`deitlab train exp.yaml` whose `teacher.uri` is"
+                                                          " `models:/no-such-teacher/1`, in a work directory whose"
+                                                          " store has other models",
+         ("train", "exp.yaml"),
+         "error: teacher URI 'models:/no-such-teacher/1': Model Version (name=no-such-teacher, version=1) not found",
+         {"exp.yaml": URI_TEACHER.replace("URI", "models:/no-such-teacher/1"), "deitlab-work": "@store"}),
+    Case("spec-teacher-model-without-store", "spec", "`deitlab train exp.yaml` whose `teacher.uri` is"
+                                                     " `models:/digits-convnet/1`, in a folder where nothing was"
+                                                     " recorded yet",
+         ("train", "exp.yaml"),
+         "error: teacher: no MLflow store at {dir}/deitlab-work/mlflow.db yet (nothing was recorded there): give the"
+         " --workdir or run.tracking_uri where the model or run was recorded",
+         {"exp.yaml": URI_TEACHER.replace("URI", "models:/digits-convnet/1")}),
+    Case("spec-init-from-unknown-run", "spec", "`deitlab train exp.yaml` with `init_from: runs:/0123456789abcdef`, a"
+                                               " run the work directory's store does not have",
+         ("train", "exp.yaml"),
+         "error: init_from 'runs:/0123456789abcdef': no MLflow run '0123456789abcdef' at 'sqlite:///{dir}/deitlab-work/"
+         "mlflow.db'", {"exp.yaml": EXP + "init_from: runs:/0123456789abcdef\n", "deitlab-work": "@store"}),
+    # --------------------------------------------------------------------------------------- cluster resources
+    Case("resources-too-many-workers", "cluster resources", "`deitlab train exp.yaml --workers 64` on a local Ray"
+                                                            " (this machine's cores)",
+         ("train", "exp.yaml", "--workers", "64"),
+         "error: run: 64 worker(s) × 1 CPU can never start on the Ray cluster", {"exp.yaml": EXP}),
+    Case("resources-too-many-cpus", "cluster resources", "`deitlab train exp.yaml --set run.cpus_per_worker=64`",
+         ("train", "exp.yaml", "--set", "run.cpus_per_worker=64"),
+         "error: run: 1 worker(s) × 64 CPU can never start: no node of the Ray cluster", {"exp.yaml": EXP}),
+    Case("resources-gpu-on-cpu-cluster", "cluster resources", "`deitlab train exp.yaml --set run.gpus_per_worker=1` on"
+                                                              " a cluster without GPUs",
+         ("train", "exp.yaml", "--set", "run.gpus_per_worker=1"),
+         "error: run: 1 worker(s) × 1 CPU + 1 GPU can never start: no node of the Ray cluster", {"exp.yaml": EXP}),
     # ----------------------------------------------------------------------------------------- cluster address
     Case("cluster-tracking-server-unreachable", "cluster address", "`deitlab train exp.yaml --set"
                                                                 " run.tracking_uri=http://127.0.0.1:PORT` (no server)",
@@ -430,9 +465,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     import io
 
     import torch
+    from deitlab.core.models import build_classifier, write_model_file
     from PIL import Image
-
-    from deitlab.models import build_classifier, write_model_file
 
     root = tmp_path_factory.mktemp("assets")
     folder = root / "imagefolder"
@@ -451,11 +485,26 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     from hub import HubCache
 
     HubCache(root / "hub").add("test_resnet.r160_in1k")  # pretrained weights for 1000 classes
+    _store_with_a_model(root / "store", teacher)
     files = {"good.jpg": good, "truncated.jpg": out.getvalue()[: len(out.getvalue()) // 2],
              "truncated.pt": teacher.read_bytes()[: teacher.stat().st_size // 2]}
     for name, data in files.items():
         (root / name).write_bytes(data)
-    return {"imagefolder": folder, "teacher.pt": teacher, "hub": root / "hub", **{name: root / name for name in files}}
+    return {"imagefolder": folder, "teacher.pt": teacher, "hub": root / "hub", "store": root / "store",
+            **{name: root / name for name in files}}
+
+
+def _store_with_a_model(workdir: Path, model_file: Path) -> None:
+    """A work directory as deitlab leaves it: an MLflow store with one registered teacher, `other-teacher`."""
+    from deitlab.spec.schema import RunSpec
+    from deitlab.tracking.store import Tracking
+
+    tracking = Tracking.for_run(RunSpec(workdir=str(workdir)))
+    tracking.experiment_id()
+    run_id = tracking.start_run("teacher-other")
+    tracking.log_artifact(run_id, model_file, "teacher")
+    tracking.register_teacher(run_id, "teacher", "other-teacher", 0.5)
+    tracking.end_run(run_id)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_STUDENT, ray_processes, s3_client, write_yaml
+from deitlab.cli.app import app
+from deitlab.orchestration.train import train_experiment
+from deitlab.spec.base import validate
+from deitlab.spec.schema import ExperimentSpec
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, ray_processes, s3_client, write_yaml
-from deitlab.cli import app
-from deitlab.ray_train import train_experiment
-from deitlab.spec import ExperimentSpec, validate
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +169,7 @@ def test_stopped_run_resumes_from_s3_skipping_a_truncated_checkpoint(straight, r
 
 def test_resume_refuses_a_changed_spec_and_a_stray_run_id(tmp_path):
     from deitlab.errors import SpecError
-    from deitlab.tracking import Tracking
+    from deitlab.tracking.store import Tracking
 
     spec = _spec("ft-changed", tmp_path, str(tmp_path / "store"))
     tracking = Tracking.for_run(spec.run)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_STUDENT, free_port, s3_client, write_yaml
 from servers import Postgres, postgres_available
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import TINY_STUDENT, free_port, s3_client, write_yaml
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent

@@ -6,15 +6,14 @@ import math
 import pytest
 import timm
 import torch
+from conftest import TINY_STUDENT, write_yaml
+from deitlab.cli.app import app
+from deitlab.core.engine import experiment_engine, pick_device
+from deitlab.core.models import save_model
+from deitlab.orchestration.sweep import planned_trials
+from deitlab.spec.loading import load_sweep
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, write_yaml
-from deitlab.cli import app
-from deitlab.engine import experiment_engine, pick_device
-from deitlab.models import save_model
-from deitlab.spec import load_sweep
-from deitlab.sweep import planned_trials
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_STUDENT, write_yaml
+from deitlab.cli.app import app
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, write_yaml
-from deitlab.cli import app
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -76,8 +75,8 @@ def test_a_teacher_fine_tuned_from_pretrained_weights_and_one_from_scratch(ray_s
     """Both train on digits for the same epochs; the fine-tuned one starts from the hub's weights (a new 10-class head,
     the stem adapted to one channel) — checked before training. With random 'pretrained' weights the two accuracies
     only show that both learn; they are printed for the record."""
-    from deitlab.engine import teacher_engine
-    from deitlab.spec import TeacherTrainingSpec
+    from deitlab.core.engine import teacher_engine
+    from deitlab.spec.schema import TeacherTrainingSpec
 
     name = "test_resnet.r160_in1k"
     hub_cache.add(name, seed=5)

@@ -3,21 +3,22 @@ and the report read back from MLflow."""
 import json
 
 import pytest
+from conftest import TINY_STUDENT, write_yaml
+from deitlab.cli.app import app
+from deitlab.core.distill import ACCURACY_KEYS
+from deitlab.spec.base import validate
+from deitlab.spec.loading import load_sweep
+from deitlab.spec.schema import ExperimentSpec, TeacherTrainingSpec
+from deitlab.tracking.store import Tracking
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, write_yaml
-from deitlab.cli import app
-from deitlab.distill import ACCURACY_KEYS
-from deitlab.spec import load_sweep, validate, ExperimentSpec, TeacherTrainingSpec
-from deitlab.tracking import Tracking
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def teacher_uri(ray_session, workdir):
-    from deitlab.ray_train import train_teacher
+    from deitlab.orchestration.train import train_teacher
 
     spec = TeacherTrainingSpec(name="it-convnet", arch="test_resnet", optim={"epochs": 2},
                                run={"workdir": str(workdir)})
@@ -41,7 +42,7 @@ def test_teacher_is_registered_with_its_accuracy_and_downloadable(teacher_uri, w
 
 
 def test_two_worker_train_on_cpu_logs_every_epoch(teacher_uri, workdir):
-    from deitlab.ray_train import train_experiment
+    from deitlab.orchestration.train import train_experiment
 
     spec = validate(ExperimentSpec, {
         "name": "ddp", "student": TINY_STUDENT, "teacher": {"uri": teacher_uri.model_uri},
@@ -58,7 +59,7 @@ def test_two_worker_train_on_cpu_logs_every_epoch(teacher_uri, workdir):
 
 
 def test_one_trial_sweep_and_report(teacher_uri, workdir, tmp_path):
-    from deitlab.sweep import run_sweep
+    from deitlab.orchestration.sweep import run_sweep
 
     path = write_yaml(tmp_path / "sweep.yaml", f"""
 name: it-sweep

@@ -2,20 +2,21 @@
 import json
 
 import pytest
+from conftest import TINY_STUDENT, write_yaml
+from deitlab.cli.app import app
+from deitlab.errors import SpecError
+from deitlab.orchestration.train import train_experiment
+from deitlab.spec.base import validate
+from deitlab.spec.loading import load_sweep
+from deitlab.spec.schema import ExperimentSpec
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, write_yaml
-from deitlab.cli import app
-from deitlab.errors import SpecError
-from deitlab.ray_train import train_experiment
-from deitlab.spec import ExperimentSpec, load_sweep, validate
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_diverging_trial_fails_alone_with_its_reason(ray_session, workdir, tmp_path):
-    from deitlab.sweep import run_sweep
+    from deitlab.orchestration.sweep import run_sweep
 
     path = write_yaml(tmp_path / "sweep.yaml", f"""
 name: it-nan

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_STUDENT, free_port, ray_processes, write_yaml
+from deitlab.cli.app import app
 from mlflow import MlflowClient
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, free_port, ray_processes, write_yaml
-from deitlab.cli import app
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent

@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PLANTED_AWS_KEY_ID, PLANTED_AWS_SECRET, TINY_STUDENT, s3_client, write_yaml
+from deitlab.cli.app import app
+from deitlab.data.loaders import data_fingerprint, load_data
+from deitlab.spec.base import validate
+from deitlab.spec.schema import DataSpec, ExperimentSpec, TeacherTrainingSpec
+from deitlab.tracking.names import TEACHER_FAMILY_TAG
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from typer.testing import CliRunner
-
-from conftest import PLANTED_AWS_KEY_ID, PLANTED_AWS_SECRET, TINY_STUDENT, s3_client, write_yaml
-from deitlab.cli import app
-from deitlab.data import data_fingerprint, load_data
-from deitlab.spec import DataSpec, ExperimentSpec, TeacherTrainingSpec, validate
-from deitlab.tracking import TEACHER_FAMILY_TAG
 from servers import MlflowServer, Postgres, postgres_available
+from typer.testing import CliRunner
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(postgres_available() is not None, reason=str(postgres_available()))]
@@ -62,7 +62,7 @@ def server_sweep(ray_session, server, s3_endpoint, tracking_password, tmp_path_f
     Secrets are planted: AWS keys and an MLflow password in the environment, and in the spec's run tags an AWS key
     id, a token and the AWS secret itself.
     """
-    from deitlab.ray_train import train_teacher
+    from deitlab.orchestration.train import train_teacher
 
     tmp = tmp_path_factory.mktemp("server-sweep")
     uri = server.uri
@@ -227,7 +227,7 @@ def test_training_goes_on_through_a_tracking_server_outage(ray_session, server, 
     right after its checkpoint reached storage and before the next epoch trains. A checkpoint's manifest may be in
     storage before its epoch is logged, so only when checkpoint `down + 3` exists were epochs `down + 1` and `down + 2`
     certainly logged while the server was down, however fast the machine."""
-    from deitlab.ray_train import train_experiment
+    from deitlab.orchestration.train import train_experiment
 
     epochs = 10
     spec = validate(ExperimentSpec, {

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-
-from deitlab.checkpoints import BadCheckpoint, Storage, read_checkpoint, verify_checkpoint, write_checkpoint
+from deitlab.core.checkpoints import BadCheckpoint, Storage, read_checkpoint, verify_checkpoint, write_checkpoint
 from deitlab.errors import SpecError
-from deitlab.spec import RunSpec, validate
+from deitlab.spec.base import validate
+from deitlab.spec.schema import RunSpec
 
 
 def _state(epoch: int) -> dict:

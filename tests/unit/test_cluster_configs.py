@@ -9,19 +9,18 @@ import copy
 import fnmatch
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
+import cli_commands
 import pytest
+import tomllib
 import typer
 import typer.main
 import yaml
+from cli_commands import CommandError, check, check_args, commands_in_file, commands_in_text
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-import cli_commands
-from cli_commands import CommandError, check, check_args, commands_in_file, commands_in_text
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -414,7 +413,7 @@ def configmap_specs() -> list[tuple[str, str, str]]:
 
 
 def test_configmap_specs_load_with_deitlab(tmp_path):
-    from deitlab.spec import load_sweep, load_teacher_training
+    from deitlab.spec.loading import load_sweep, load_teacher_training
 
     assert any(key.startswith("sweep") for _, key, _ in configmap_specs())
     for name, key, text in configmap_specs():

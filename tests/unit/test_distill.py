@@ -3,10 +3,15 @@ import math
 
 import pytest
 import torch
-
-from deitlab.distill import (accuracies_from_counts, fused_probabilities, ground_truth_loss,
-                             hard_distillation_loss, head_agreement_counts, soft_distillation_loss)
-from deitlab.modes import distillation_loss
+from deitlab.core.distill import (
+    accuracies_from_counts,
+    fused_probabilities,
+    ground_truth_loss,
+    hard_distillation_loss,
+    head_agreement_counts,
+    soft_distillation_loss,
+)
+from deitlab.core.modes import distillation_loss
 
 
 def kl(p, q):

@@ -1,11 +1,11 @@
 """The framework-free loop learns on real digits and reports every metric; it resumes from its own state."""
 import pytest
 import torch
-
-from deitlab.checkpoints import read_checkpoint, write_checkpoint
-from deitlab.engine import experiment_engine, teacher_engine
-from deitlab.models import save_model
-from deitlab.spec import ExperimentSpec, OptimSpec, RunSpec, TeacherTrainingSpec, validate
+from deitlab.core.checkpoints import read_checkpoint, write_checkpoint
+from deitlab.core.engine import experiment_engine, teacher_engine
+from deitlab.core.models import save_model
+from deitlab.spec.base import validate
+from deitlab.spec.schema import ExperimentSpec, OptimSpec, RunSpec, TeacherTrainingSpec
 
 CPU = torch.device("cpu")
 

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from deitlab.engine import Engine, Member
-from deitlab.models import build_classifier, build_student
-from deitlab.spec import load_experiment, load_sweep
-from deitlab.step import LossConfig
+from deitlab.core.engine import Engine, Member
+from deitlab.core.models import build_classifier, build_student
+from deitlab.core.step import LossConfig
+from deitlab.spec.loading import load_experiment, load_sweep
 
 PRESETS = Path(__file__).resolve().parents[2] / "experiments"
 TINY_DATA = {"data.dataset": "synthetic", "data.path": None, "data.synthetic_classes": 1000, "data.synthetic_size": 8,

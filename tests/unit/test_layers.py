@@ -11,9 +11,16 @@ from pathlib import Path
 import deitlab
 
 PACKAGE = Path(deitlab.__file__).parent
-# The modules that must work without ray and mlflow (torch + timm + pydantic only).
-PURE = ("batches", "checkpoints", "data", "distill", "engine", "errors", "gpu_augment", "models", "modes",
-        "pretrained", "reference", "run_artifacts", "shards", "spec", "step", "step_bench")
+# The layers that must work without ray and mlflow (torch + timm + pydantic only), and what each layer may import.
+PURE = ("core", "data", "spec", "bench")
+MAY_IMPORT = {
+    "core": {"core", "data", "spec"}, "data": {"data", "core"},
+    "spec": {"spec", "core", "data"},  # the mode registry; validators that parse augmentation and pack settings
+    "tracking": {"tracking"}, "report": {"report", "tracking", "core"},
+    "orchestration": {"orchestration", "core", "data", "spec", "tracking"},
+    "bench": {"bench", "core", "data", "spec", "tracking", "orchestration"},
+    "cli": {"cli", "orchestration", "core", "data", "spec", "tracking", "report", "bench"},
+}
 BLOCKER = """
 import importlib.abc, sys
 class Blocked(importlib.abc.MetaPathFinder):
@@ -24,20 +31,25 @@ sys.meta_path.insert(0, Blocked())
 """
 
 
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
 def _internal_imports(path: Path) -> set[str]:
-    """The deitlab modules `path` imports anywhere in its body (module level or inside functions)."""
+    """The deitlab modules `path` imports anywhere in its body (module level or inside functions), as dotted names
+    relative to the package (`core.engine`)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import modes
-                found.update(alias.name for alias in node.names)
-            elif (node.module or "").startswith("deitlab."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deitlab"):
+            base = node.module.removeprefix("deitlab").lstrip(".")
+            for alias in node.names:  # `from deitlab.core import modes` imports the module core.modes
+                full = f"{base}.{alias.name}" if base else alias.name
+                found.add(full if (PACKAGE / (full.replace(".", "/") + ".py")).is_file() else base)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; deitlab's modules import each other by absolute name")
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("deitlab."))
-    return found
+            found.update(a.name.removeprefix("deitlab.") for a in node.names if a.name.startswith("deitlab."))
+    return {name for name in found if name}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -71,18 +83,33 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def _graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"}
+    return {name: {m for m in _internal_imports(path) if m in modules} - {name} for name, path in modules.items()}
+
+
 def test_the_modules_import_each_other_without_a_cycle():
-    modules = {p.stem: p for p in PACKAGE.glob("*.py")}
-    graph = {name: _internal_imports(path) & set(modules) for name, path in modules.items()}
-    assert _cycles(graph) == []
+    assert _cycles(_graph()) == []
     # the check itself finds a cycle where there is one
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_each_layer_imports_only_the_layers_below_it():
+    wrong = []
+    for module, imported in _graph().items():
+        layer = module.split(".")[0]
+        if layer not in MAY_IMPORT:
+            continue  # errors, the entry-point shims
+        wrong += [f"{module} -> {other}" for other in sorted(imported)
+                  if other.split(".")[0] in MAY_IMPORT and other.split(".")[0] not in MAY_IMPORT[layer]]
+    assert wrong == []
+
+
 def test_the_core_imports_and_trains_without_ray_and_mlflow(tmp_path):
+    modules = sorted(m for m in _graph() if m.split(".")[0] in PURE)
     code = BLOCKER + f"""
 import importlib
-for name in {PURE!r}:
+for name in {modules!r}:
     importlib.import_module("deitlab." + name)
 try:
     import ray
@@ -90,7 +117,7 @@ except ImportError:
     pass
 else:
     raise SystemExit("the blocker let ray through")
-from deitlab.engine import main
+from deitlab.core.engine import main
 raise SystemExit(main(["{tmp_path / 'exp.yaml'}"]))
 """
     (tmp_path / "exp.yaml").write_text(
@@ -105,7 +132,7 @@ raise SystemExit(main(["{tmp_path / 'exp.yaml'}"]))
 
 def test_the_step_bench_runs_without_ray_and_mlflow():
     code = BLOCKER + """
-from deitlab.step_bench import main
+from deitlab.bench.step import main
 raise SystemExit(main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--repeats", "1", "--pack", "2",
                        "--only", "reference,lean,packed", "--json"]))
 """

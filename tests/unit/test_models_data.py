@@ -1,12 +1,11 @@
 """Students, teachers, model files, data sets and loaders."""
 import pytest
 import torch
-
-from deitlab.batches import ShardBatchSampler, batch_slices
-from deitlab.data import BatchPipeline, DataBundle, TensorBatches, load_data, random_affine
+from deitlab.core.models import build_classifier, build_student, load_teacher, save_model, student_heads
+from deitlab.data.batches import ShardBatchSampler, batch_slices
+from deitlab.data.loaders import BatchPipeline, DataBundle, TensorBatches, load_data, random_affine
 from deitlab.errors import SpecError
-from deitlab.models import build_classifier, build_student, load_teacher, save_model, student_heads
-from deitlab.spec import DataSpec, DistillationSpec, StudentSpec, AugmentSpec
+from deitlab.spec.schema import AugmentSpec, DataSpec, DistillationSpec, StudentSpec
 
 SMALL = StudentSpec(patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

@@ -4,16 +4,18 @@ import math
 
 import pytest
 import torch
-
-from deitlab import modes
-from deitlab.distill import hard_distillation_loss, soft_distillation_loss
-from deitlab.engine import experiment_engine
+from deitlab.core import modes
+from deitlab.core.distill import hard_distillation_loss, soft_distillation_loss
+from deitlab.core.engine import experiment_engine
+from deitlab.core.models import build_classifier, save_model
 from deitlab.errors import SpecError
-from deitlab.models import build_classifier, save_model
-from deitlab.report import build_report
-from deitlab.spec import ExperimentSpec, SweepSpec, validate
-from deitlab.sweep import planned_trials
-from deitlab.tracking import KIND_TAG, SWEEP_TAG, Tracking
+from deitlab.orchestration.sweep import planned_trials
+from deitlab.report.model import build_report
+from deitlab.spec.base import validate
+from deitlab.spec.schema import ExperimentSpec
+from deitlab.spec.sweep import SweepSpec
+from deitlab.tracking.names import KIND_TAG, SWEEP_TAG
+from deitlab.tracking.store import Tracking
 
 CPU = torch.device("cpu")
 CALLS = []  # (student logits shape) per call of the mixed term: proof the engine's step asked the registry

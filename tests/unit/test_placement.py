@@ -1,9 +1,9 @@
 """Where workers can be placed: the check that fails a run before it starts, and how many trials run at once —
 counting the nodes an autoscaling cluster may add, and custom resources (run.resources)."""
 import pytest
-
-from deitlab.ray_train import placement_problem, worker_resources
-from deitlab.spec import ExperimentSpec, validate
+from deitlab.orchestration.cluster import placement_problem, worker_resources
+from deitlab.spec.base import validate
+from deitlab.spec.schema import ExperimentSpec
 
 INF = float("inf")
 CPU_HEAD = ({"CPU": 0.0, "memory": 8e9}, 1.0)  # the cluster configs' head: no CPU for workers

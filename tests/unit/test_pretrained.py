@@ -4,11 +4,17 @@ import math
 
 import pytest
 import torch
-
-from deitlab.batches import shard_indices
-from deitlab.distill import head_predictions
+from deitlab.core.distill import head_predictions
+from deitlab.core.pretrained import (
+    InputConfig,
+    TeacherInput,
+    adapt_teacher,
+    create_pretrained,
+    file_sha256,
+    weights_file,
+)
+from deitlab.data.batches import shard_indices
 from deitlab.errors import SpecError
-from deitlab.pretrained import InputConfig, TeacherInput, adapt_teacher, create_pretrained, file_sha256, weights_file
 
 
 def test_pretrained_weights_load_from_the_hub_cache_by_checksum_and_forward(hub_cache):
@@ -99,9 +105,8 @@ def test_a_pretrained_student_keeps_the_weights_that_fit_and_resamples_its_posit
     """DeiT Table 7's starting point: timm's DeiT-Ti (with the token) at 224 px / 1000 classes, started at 32 px on
     10 classes: the blocks are the hub's, the position embedding is resampled from 14×14 to 2×2, the heads are new."""
     import timm
-
-    from deitlab.models import build_student
-    from deitlab.spec import DistillationSpec, StudentSpec
+    from deitlab.core.models import build_student
+    from deitlab.spec.schema import DistillationSpec, StudentSpec
 
     hub_cache.add("deit_tiny_distilled_patch16_224.fb_in1k", seed=1)
     torch.manual_seed(1)

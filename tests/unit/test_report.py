@@ -3,12 +3,13 @@ import json
 import os
 
 import pytest
-from typer.testing import CliRunner
-
-from deitlab.cli import app
+from deitlab.cli.app import app
 from deitlab.errors import SpecError
-from deitlab.report import (METRICS, PLOT_FILES, AblationRow, Stat, SweepReport, teacher_comparison, to_markdown,
-                            write_report)
+from deitlab.report.files import write_report
+from deitlab.report.model import METRICS, AblationRow, Stat, SweepReport, teacher_comparison
+from deitlab.report.plots import PLOT_FILES
+from deitlab.report.tables import to_markdown
+from typer.testing import CliRunner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -224,12 +225,12 @@ def test_cli_html_report_from_an_mlflow_store(tmp_path, monkeypatch):
 
 
 def test_a_failure_while_writing_leaves_no_half_report(tmp_path, monkeypatch):
-    import deitlab.report
+    import deitlab.report.files
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(deitlab.report, "to_html", broken)
+    monkeypatch.setattr(deitlab.report.files, "to_html", broken)  # the name write_report calls
     with pytest.raises(SpecError, match="cannot write the report to .*: No space left on device"):
         write_report(sweep_with_curves(), tmp_path / "r")
     assert list(tmp_path.iterdir()) == []  # neither the report nor its staging directory

@@ -10,17 +10,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_STUDENT, s3_client
+from deitlab.cli.app import app
+from deitlab.data import gpu_augment as G
+from deitlab.data.loaders import data_fingerprint, load_data
+from deitlab.data.shards import ParquetBatches, ParquetPack, check_imagefolder, pack_imagefolder
+from deitlab.errors import SpecError
+from deitlab.spec.base import validate
+from deitlab.spec.schema import DataSpec, ExperimentSpec
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from typer.testing import CliRunner
-
-from conftest import TINY_STUDENT, s3_client
-from deitlab import gpu_augment as G
-from deitlab.cli import app
-from deitlab.data import data_fingerprint, load_data
-from deitlab.errors import SpecError
-from deitlab.shards import ParquetBatches, ParquetPack, check_imagefolder, pack_imagefolder
-from deitlab.spec import DataSpec, ExperimentSpec, validate
 
 CLASSES = ("ant", "bee", "cat")
 # torchvision 0.29 deprecates its decoders (for TorchCodec) and warns on every call
@@ -248,7 +248,7 @@ def test_rand_augment_policies_are_parsed_or_refused_in_one_line():
 
 # ------------------------------------------------------------------------------------------------------- engine
 def test_engine_trains_on_a_pack(pack):
-    from deitlab.engine import experiment_engine
+    from deitlab.core.engine import experiment_engine
 
     torch.set_num_threads(2)
     spec = validate(ExperimentSpec, {

@@ -2,12 +2,13 @@
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import write_yaml
-from deitlab.cli import app
+from deitlab.cli.app import app
 from deitlab.errors import SpecError
-from deitlab.spec import ExperimentSpec, RunSpec, TeacherSpec, load_experiment, load_sweep, parse_set, validate
+from deitlab.spec.base import validate
+from deitlab.spec.loading import load_experiment, load_sweep, parse_set
+from deitlab.spec.schema import ExperimentSpec, RunSpec, TeacherSpec
+from typer.testing import CliRunner
 
 TEACHER = "teacher: {arch: test_resnet, checkpoint: t.pt}\n"
 
@@ -158,7 +159,7 @@ def test_cli_check_prints_sweep_plan(tmp_path):
 
 
 def test_every_shipped_experiment_spec_validates():
-    from deitlab.spec import load_teacher_training, read_yaml
+    from deitlab.spec.loading import load_teacher_training, read_yaml
 
     root = Path(__file__).resolve().parents[2] / "experiments"
     paths = sorted(root.glob("*.yaml"))

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from deitlab.core.checkpoints import read_checkpoint, write_checkpoint
+from deitlab.core.engine import experiment_engine, pack_engine, pack_key
+from deitlab.core.models import save_model
+from deitlab.core.reference import ReferenceStep
+from deitlab.core.step import LossConfig, Student, lean_optimizer, prepare_teacher, teacher_logits
+from deitlab.spec.base import validate
+from deitlab.spec.schema import ExperimentSpec
 from timm.data import Mixup
-
-from deitlab.checkpoints import read_checkpoint, write_checkpoint
-from deitlab.engine import experiment_engine, pack_engine, pack_key
-from deitlab.models import save_model
-from deitlab.reference import ReferenceStep
-from deitlab.spec import ExperimentSpec, validate
-from deitlab.step import LossConfig, Student, lean_optimizer, prepare_teacher, teacher_logits
 
 CPU = torch.device("cpu")
 

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from conftest import write_yaml
-from deitlab.cli import app
+from deitlab.cli.app import app
 from deitlab.errors import SpecError
-from deitlab.spec import load_sweep
-from deitlab.sweep import planned_trials, trial_name
+from deitlab.orchestration.sweep import planned_trials, trial_name
+from deitlab.spec.loading import load_sweep
+from typer.testing import CliRunner
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 BASE = {"name": "space", "experiment": {"student": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}},
@@ -103,8 +102,8 @@ def test_presets_validate_and_scale_by_one_set(preset, trials):
 
 
 def test_init_student_resamples_position_embedding_and_keeps_new_heads_fresh():
-    from deitlab.models import build_student, init_student
-    from deitlab.spec import DistillationSpec, StudentSpec
+    from deitlab.core.models import build_student, init_student
+    from deitlab.spec.schema import DistillationSpec, StudentSpec
 
     student = StudentSpec(patch_size=4, embed_dim=32, depth=2, num_heads=2)
     torch.manual_seed(0)

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import free_port
-from deitlab.distill import confusion_counts
-from deitlab.redact import REDACTED, scrub, scrub_item, scrub_tree
-from deitlab.tracking import Tracking
+from deitlab.core.distill import confusion_counts
+from deitlab.tracking.redact import REDACTED, scrub, scrub_item, scrub_tree
+from deitlab.tracking.store import Tracking
 
 AWS_KEY_ID = "AKIAZZZZEXAMPLE12345"
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYplantedKEY"
@@ -80,10 +79,9 @@ def test_confusion_counts_rows_are_true_classes():
 
 def test_teacher_card_numbers():
     import timm
-
-    from deitlab.data import data_fingerprint, load_data
-    from deitlab.models import model_family, model_size
-    from deitlab.spec import DataSpec
+    from deitlab.core.models import model_family, model_size
+    from deitlab.data.loaders import data_fingerprint, load_data
+    from deitlab.spec.schema import DataSpec
 
     conv = timm.create_model("resnet18", num_classes=10)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10)
@@ -98,11 +96,11 @@ def test_teacher_card_numbers():
 
 
 def test_credentials_in_a_tracking_uri_are_refused_in_one_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from deitlab.cli import app
+    from deitlab.cli.app import app
     from deitlab.errors import SpecError
-    from deitlab.spec import RunSpec, validate
+    from deitlab.spec.base import validate
+    from deitlab.spec.schema import RunSpec
+    from typer.testing import CliRunner
 
     with pytest.raises(SpecError, match="MLFLOW_TRACKING_PASSWORD"):
         validate(RunSpec, {"tracking_uri": "https://alice:pw@mlflow.internal"})
@@ -113,9 +111,8 @@ def test_credentials_in_a_tracking_uri_are_refused_in_one_line(tmp_path):
 
 
 def test_bench_logging_delivers_every_value_and_reports_the_cost(tmp_path):
+    from deitlab.cli.app import app
     from typer.testing import CliRunner
-
-    from deitlab.cli import app
 
     out = tmp_path / "logging.json"
     result = CliRunner().invoke(app, ["bench", "logging", "--set", "optim.epochs=2", "--set", "data.batch_size=128",
@@ -131,7 +128,7 @@ def test_bench_logging_delivers_every_value_and_reports_the_cost(tmp_path):
 def test_local_store_with_artifacts_in_s3(s3_endpoint, tmp_path, monkeypatch):
     """run.artifacts: s3://… with the endpoint from AWS_ENDPOINT_URL: MLflow's client writes straight to the bucket."""
     from conftest import s3_client
-    from deitlab.spec import RunSpec
+    from deitlab.spec.schema import RunSpec
 
     s3_client(s3_endpoint).create_bucket(Bucket="deitlab-artifacts")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_endpoint}")
@@ -149,7 +146,8 @@ def test_local_store_with_artifacts_in_s3(s3_endpoint, tmp_path, monkeypatch):
 
 def test_artifact_locations_are_checked():
     from deitlab.errors import SpecError
-    from deitlab.spec import RunSpec, validate
+    from deitlab.spec.base import validate
+    from deitlab.spec.schema import RunSpec
 
     assert validate(RunSpec, {"artifacts": "/data/art"}).artifacts == "file:///data/art"
     for bad in ("s3://key:secret@bucket/x", "s3://bucket/x?endpoint_override=h", "ftp://host/x"):
@@ -158,7 +156,7 @@ def test_artifact_locations_are_checked():
 
 
 def test_run_figures_and_confusion_record(tmp_path):
-    from deitlab.run_artifacts import confusion_json, confusion_png, curves_png
+    from deitlab.core.run_artifacts import confusion_json, confusion_png, curves_png
 
     history = [{"epoch": e, "train_loss": 2.0 / e, "acc_fused": 0.3 * e, "lr": 1e-3} for e in (1, 2, 3)]
     assert curves_png([], tmp_path / "none.png", "x") is None
@@ -169,7 +167,7 @@ def test_run_figures_and_confusion_record(tmp_path):
 
 
 def test_a_new_sqlite_store_appears_whole_and_an_existing_one_is_never_replaced(tmp_path):
-    from deitlab.tracking import _create_sqlite_store
+    from deitlab.tracking.store import _create_sqlite_store
 
     store = tmp_path / "mlflow.db"
     _create_sqlite_store(f"sqlite:///{store}")
