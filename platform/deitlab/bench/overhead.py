@@ -13,7 +13,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from deitlab.core.checkpoints import read_checkpoint
+from deitlab.orchestration.teachers import resolve_teacher_file
 from deitlab.spec.schema import ExperimentSpec
+from deitlab.tracking.logger import finite_metrics
+from deitlab.tracking.store import Tracking
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,6 @@ def measure_overhead(spec: ExperimentSpec, repeats: int = 2) -> OverheadResult:
 
 
 def _teacher_file(spec: ExperimentSpec) -> str | None:
-    from deitlab.orchestration.teachers import resolve_teacher_file
-    from deitlab.tracking.store import Tracking
-
     return resolve_teacher_file(spec.teacher, Tracking.for_run(spec.run)) if spec.teacher else None
 
 
@@ -75,9 +76,7 @@ def _bare_run(spec: ExperimentSpec, device) -> tuple[list[dict], float]:
 
 
 def _ray_run(spec: ExperimentSpec) -> tuple[list[dict], float]:
-    from deitlab.core.checkpoints import read_checkpoint
     from deitlab.orchestration.train import TrainUnit, fit
-    from deitlab.tracking.store import Tracking
 
     with tempfile.TemporaryDirectory(prefix="deitlab-bench-") as storage:
         spec = spec.with_overrides({"run.storage": storage})
@@ -132,8 +131,6 @@ def measure_logging(spec: ExperimentSpec, tracking_uri: str | None = None, every
     """The bare loop with and without rank 0's MetricLogger (step metrics every `every` steps + epoch metrics) sending
     to a real MLflow store; runs alternate so drifting load falls on both. Step time = steady epoch wall / steps."""
     from deitlab.core.engine import experiment_engine, pick_device
-    from deitlab.tracking.logger import finite_metrics
-    from deitlab.tracking.store import Tracking
 
     spec = spec.with_overrides({"run.log_every_steps": every})
     device = pick_device(spec.run)

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 
 from deitlab.core import modes
+from deitlab.core.reference import ReferenceStep
+from deitlab.core.step import LossConfig, Student, lean_optimizer, prepare_teacher, train_step
 from deitlab.errors import SpecError, one_line
 
 PRESETS = {
@@ -122,14 +124,10 @@ def _teacher(cfg: StepBenchConfig, device: torch.device):
 
 
 def _loss(cfg: StepBenchConfig):
-    from deitlab.core.step import LossConfig
-
     return LossConfig(cfg.mode, modes.get(cfg.mode).paper_lambda, 3.0, "official", 0.1)
 
 
 def _lean_students(cfg: StepBenchConfig, arch: str, count: int, device: torch.device, compile: bool):
-    from deitlab.core.step import Student, lean_optimizer
-
     students = []
     for k in range(count):
         model = _student_model(cfg, arch, device)
@@ -140,9 +138,6 @@ def _lean_students(cfg: StepBenchConfig, arch: str, count: int, device: torch.de
 
 def _step_functions(cfg: StepBenchConfig, device: torch.device, mixup, batch) -> dict[str, Callable[[], None]]:
     """One closure per step variant: each runs one training step on the shared batch."""
-    from deitlab.core.reference import ReferenceStep
-    from deitlab.core.step import prepare_teacher, train_step
-
     images, labels = batch
     teacher = _teacher(cfg, device) if modes.get(cfg.mode).needs_teacher else None
     loss = _loss(cfg)

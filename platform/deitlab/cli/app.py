@@ -14,6 +14,10 @@ import typer
 from rich.console import Console
 
 from deitlab.errors import SpecError, TrainingDiverged
+from deitlab.orchestration.preflight import check_placement, join_ray, preflight
+from deitlab.spec.loading import load_sweep
+from deitlab.spec.schema import RunSpec, check_tracking_uri
+from deitlab.tracking.store import Tracking, check_tracking_server
 
 
 class _OneLineUsageErrors(typer.Typer):
@@ -125,15 +129,11 @@ def workdir_overrides(workdir: Optional[Path], prefix: str = "run.") -> dict:
 def checked(specs: list, address: Optional[str] = None, start_ray: bool = True):
     """The preflight (orchestration.preflight) with the terminal's spinner: everything checked before anything is
     started or written; then Ray is up, unless `start_ray` is False."""
-    from deitlab.orchestration.preflight import preflight
-
     return preflight(specs, address, status=err.status, start_ray=start_ray)
 
 
 def start_cluster(address: Optional[str], *runs) -> None:
     """The preflight's last part, after `checked(..., start_ray=False)`: Ray up, the workers placeable."""
-    from deitlab.orchestration.preflight import check_placement, join_ray
-
     join_ray(address, err.status)
     check_placement(*runs)
 
@@ -146,10 +146,6 @@ def trial_table(title: str, epochs: dict[str, int], metric: str = "acc", mode: s
 
 def located_sweep(sweep: str, workdir: Optional[Path], tracking_uri: Optional[str], experiment: Optional[str]):
     """(name, Tracking) of a sweep given as a spec file or a name (then in the work directory's MLflow store)."""
-    from deitlab.spec.loading import load_sweep
-    from deitlab.spec.schema import RunSpec
-    from deitlab.tracking.store import Tracking
-
     loaded = None
     if sweep.endswith((".yaml", ".yml", ".json")) or Path(sweep).is_file():
         loaded = load_sweep(sweep, workdir_overrides(workdir, "experiment.run."))
@@ -171,9 +167,6 @@ def located_sweep(sweep: str, workdir: Optional[Path], tracking_uri: Optional[st
 
 
 def checked_tracking_uri(uri: str) -> str:
-    from deitlab.spec.schema import check_tracking_uri
-    from deitlab.tracking.store import check_tracking_server
-
     try:
         checked = check_tracking_uri(uri)
     except ValueError as err:

@@ -9,13 +9,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from deitlab.bench.overhead import measure_logging, measure_overhead
 from deitlab.cli.app import RayAddress, SetOption, bench_app, checked, checked_tracking_uri, err, handled, out
+from deitlab.spec.loading import load_experiment, parse_set
 
 
 def _bench_spec(spec: Optional[Path], set_: list[str] | None):
     """The benchmark's experiment: the given spec, or the bundled bench_overhead.yaml; --set applied."""
-    from deitlab.spec.loading import load_experiment, parse_set
-
     overrides = parse_set(set_)
     if spec is not None:
         return load_experiment(spec, overrides)
@@ -34,7 +34,6 @@ def bench_overhead(spec: Annotated[Optional[Path], typer.Argument(help="experime
     """The Ray Train path against the bare loop: same spec, device and data; one worker."""
     from rich.table import Table
 
-    from deitlab.bench.overhead import measure_overhead
 
     loaded = _bench_spec(spec, set_)
     checked([loaded], ray_address)
@@ -78,7 +77,6 @@ def bench_logging(spec: Annotated[Optional[Path], typer.Argument(help="experimen
     """What MLflow logging costs a training step: the bare loop with and without rank 0's metric logger."""
     from rich.table import Table
 
-    from deitlab.bench.overhead import measure_logging
 
     loaded = _bench_spec(spec, set_)
     if tracking_uri:

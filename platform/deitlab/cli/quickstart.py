@@ -12,6 +12,8 @@ import typer
 from deitlab.cli.app import RayAddress, SetOption, app, checked, err, handled, out
 from deitlab.cli.sweep import run_sweep_live
 from deitlab.cli.train import train_teachers_live
+from deitlab.spec.loading import load_sweep, load_teacher_training, parse_set
+from deitlab.tracking.store import Tracking
 
 
 @app.command()
@@ -22,8 +24,6 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
     """Train two teachers on digits, run a 9-trial distillation sweep, print the report. 4 to 8 minutes on 2 cores."""
     from deitlab.report.model import build_report
     from deitlab.report.tables import render
-    from deitlab.spec.loading import load_sweep, load_teacher_training, parse_set
-    from deitlab.tracking.store import Tracking
 
     start = time.perf_counter()
     workdir = workdir.expanduser().resolve()

@@ -29,14 +29,17 @@ from deitlab.cli.app import (
 )
 from deitlab.cli.train import print_plan
 from deitlab.errors import SpecError
+from deitlab.orchestration.jobs import check_dashboard_url, connect, follow, submit_sweep
+from deitlab.orchestration.records import driver_state, trial_states
+from deitlab.spec.loading import load_sweep, parse_set
+from deitlab.tracking.names import DRIVER_TAG, JOB_TAG
+from deitlab.tracking.store import Tracking
 
 
 @sweep_app.command("plan")
 @handled
 def sweep_plan(sweep: Path, set_: SetOption = None) -> None:
     """Show the trials a sweep would run (after collapsing meaningless combinations)."""
-    from deitlab.spec.loading import load_sweep, parse_set
-
     print_plan(load_sweep(sweep, parse_set(set_)))
 
 
@@ -45,8 +48,6 @@ def sweep_plan(sweep: Path, set_: SetOption = None) -> None:
 def sweep_run(sweep: Path, workdir: Annotated[Optional[Path], typer.Option(help="work directory")] = None,
               set_: SetOption = None, ray_address: RayAddress = None) -> None:
     """Run a sweep here: one Ray Tune trial (one Ray Train run, one MLflow child run) per trial of the plan."""
-    from deitlab.spec.loading import load_sweep, parse_set
-
     loaded = load_sweep(sweep, {**parse_set(set_), **workdir_overrides(workdir, "experiment.run.")})
     run_sweep_live(loaded, ray_address)
 
@@ -75,8 +76,6 @@ def _drive(sweep, specs: dict, title: str, states, start):
         err.print(f"[yellow]stopped:[/] {e}", highlight=False)
         raise typer.Exit(130) from None
     from deitlab.report.files import log_summary
-    from deitlab.tracking.store import Tracking
-
     with err.status("logging the summary report on the parent run…"):
         log_summary(Tracking.for_run(sweep.experiment.run), sweep.name, outcome.parent_run_id)
     _print_summary(sweep, outcome.states, outcome.parent_run_id)
@@ -118,7 +117,6 @@ def sweep_resume(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
 
 def _continue(start, message: str, how: str, ray_address: Optional[str]) -> None:
     """Run a resume or extend plan under the live table, with the states MLflow has for the trials already run."""
-    from deitlab.orchestration.records import trial_states
     from deitlab.orchestration.sweep import continue_sweep
 
     err.print(message, highlight=False, soft_wrap=True)
@@ -135,7 +133,6 @@ def sweep_extend(sweep: SweepArg, set_: SetOption = None, workdir: WorkdirOption
                  ray_address: RayAddress = None) -> None:
     """Add seeds, grid points or samples to an ended sweep (--set seeds=[0,1,2,3]); runs only the new trials."""
     from deitlab.orchestration.sweep import plan_extend
-    from deitlab.spec.loading import parse_set
 
     name, tracking = located_sweep(sweep, workdir, tracking_uri, experiment)
     start = plan_extend(tracking, name, parse_set(set_))
@@ -152,9 +149,7 @@ def sweep_status(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
     """The trials of a sweep and their states (from MLflow), its driver, and its Ray Jobs."""
     from rich.table import Table
 
-    from deitlab.orchestration.records import driver_state, trial_states
     from deitlab.orchestration.sweep import planned_trials, recorded_sweep
-    from deitlab.tracking.names import DRIVER_TAG, JOB_TAG
 
     name, tracking = located_sweep(sweep, workdir, tracking_uri, experiment)
     parent, recorded = recorded_sweep(tracking, name)
@@ -189,9 +184,6 @@ def sweep_stop(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: Tra
                address: Annotated[Optional[str], typer.Option(help="Ray dashboard URL of a cluster the sweep was"
                                                                    " submitted to")] = None) -> None:
     """Stop a running sweep: its Ray Job (--address), or its driver on this machine. `sweep resume` continues it."""
-
-    from deitlab.orchestration.records import driver_state
-    from deitlab.tracking.names import DRIVER_TAG
 
     if address:
         from deitlab.orchestration.jobs import check_dashboard_url, stop_jobs
@@ -228,9 +220,6 @@ def sweep_submit(sweep: Path,
                  no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False
                  ) -> None:
     """Submit a sweep to a Ray cluster as a Ray Job (entrypoint: the same `sweep run`) and follow its log."""
-    from deitlab.orchestration.jobs import check_dashboard_url, connect, follow, submit_sweep
-    from deitlab.spec.loading import load_sweep, parse_set
-
     check_dashboard_url(address)
     loaded = load_sweep(sweep, {**parse_set(set_), **workdir_overrides(workdir, "experiment.run.")})
     connect(address)

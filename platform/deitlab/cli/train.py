@@ -25,6 +25,11 @@ from deitlab.cli.app import (
 )
 from deitlab.errors import SpecError
 from deitlab.orchestration.preflight import check_targets
+from deitlab.orchestration.teacher_import import import_teacher, load_data_spec
+from deitlab.spec.base import validate
+from deitlab.spec.loading import load_experiment, load_sweep, load_teacher_training, parse_set
+from deitlab.spec.schema import RunSpec, TeacherSpec
+from deitlab.tracking.store import Tracking
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -33,8 +38,6 @@ from deitlab.orchestration.preflight import check_targets
 def check(spec: Path, kind: Annotated[str, typer.Option(help="experiment | sweep | teacher")] = "experiment",
           set_: SetOption = None) -> None:
     """Validate a spec without running anything; print the resolved spec (and a sweep's trials)."""
-    from deitlab.spec.loading import load_experiment, load_sweep, load_teacher_training, parse_set
-
     overrides = parse_set(set_)
     loaders = {"experiment": load_experiment, "sweep": load_sweep, "teacher": load_teacher_training}
     if kind not in loaders:
@@ -72,8 +75,6 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
           run_id: Annotated[Optional[str], typer.Option(help="with --resume: the MLflow run to continue")] = None
           ) -> None:
     """Train one student (or baseline) with Ray Train; metrics and checkpoints every epoch."""
-    from deitlab.spec.loading import load_experiment, parse_set
-
     if run_id and not resume:
         raise SpecError("--run-id is only used with --resume")
     overrides = {**parse_set(set_), **workdir_overrides(workdir)}
@@ -108,8 +109,6 @@ def teacher_train(specs: list[Path],
                   workdir: Annotated[Optional[Path], typer.Option(help="work directory")] = None,
                   set_: SetOption = None, ray_address: RayAddress = None) -> None:
     """Train teachers (several at once) and register each as a new MLflow model version."""
-    from deitlab.spec.loading import load_teacher_training, parse_set
-
     overrides = {**parse_set(set_), **workdir_overrides(workdir)}
     loaded = [load_teacher_training(s, overrides) for s in specs]
     _check_teacher_names(loaded)
@@ -128,10 +127,6 @@ def teacher_import(source: Annotated[str, typer.Argument(metavar="NAME", help="t
     """Fetch pretrained weights once (here, through timm and the Hugging Face hub cache) and register them in MLflow;
     sweeps then name models:/NAME@ALIAS and workers read them from MLflow, never from the hub."""
     import re
-
-    from deitlab.orchestration.teacher_import import import_teacher, load_data_spec
-    from deitlab.spec.base import validate
-    from deitlab.spec.schema import RunSpec, TeacherSpec
 
     validate(TeacherSpec, {"arch": source, "pretrained": True}, source=source)  # a known name with weights
     if alias is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias):
@@ -165,7 +160,6 @@ def _check_teacher_names(loaded) -> None:
 def train_teachers_live(loaded, found) -> None:
     """Train the teachers under the live table (`found`: their preflight); print each registered version."""
     from deitlab.orchestration.sweep import train_teachers
-    from deitlab.tracking.store import Tracking
 
     with trial_table("teachers", {t.name: t.optim.epochs for t in loaded}) as table:
         failed = train_teachers(loaded, callbacks=[table], checked=found)

@@ -26,7 +26,14 @@ from deitlab.core.distill import (
     head_agreement_counts,
     head_predictions,
 )
-from deitlab.core.models import student_heads
+from deitlab.core.models import (
+    build_classifier,
+    build_student,
+    build_teacher,
+    init_student,
+    student_heads,
+    student_weights,
+)
 from deitlab.core.step import (
     DIVERGED_REASON,
     LossConfig,
@@ -38,6 +45,8 @@ from deitlab.core.step import (
     train_step,
 )
 from deitlab.data.loaders import BatchPipeline, DataBundle, load_data, make_loaders
+from deitlab.errors import SpecError
+from deitlab.spec.loading import load_experiment, parse_set
 
 
 @dataclass
@@ -289,8 +298,6 @@ def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torc
     """An Engine training one student per ExperimentSpec in `specs` (name → spec) in lockstep; the specs must share
     a pack_key. `teacher_file` and `init_file` (the students' starting weights, from spec.init_from) are local files:
     adapters resolve runs:/ and models:/ URIs."""
-    from deitlab.core.models import build_student, build_teacher, init_student, student_weights
-
     first = next(iter(specs.values()))
     if len({pack_key(spec) for spec in specs.values()}) != 1:
         raise ValueError("packed trials must share teacher, data, batch schedule and run settings")
@@ -323,8 +330,6 @@ def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, r
 
 def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int = 1, name: str = "teacher") -> Engine:
     """An Engine that trains a plain classifier (a future teacher) on ground truth."""
-    from deitlab.core.models import build_classifier
-
     bundle = load_data(spec.data)
     torch.manual_seed(spec.run.seed)
     model = build_classifier(spec.arch, spec.model_kwargs, bundle.num_classes, bundle.in_chans,
@@ -353,9 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m deitlab.engine SPEC`: one experiment on this machine, no Ray, no MLflow (bare GPU boxes)."""
     import argparse
     import json
-
-    from deitlab.errors import SpecError
-    from deitlab.spec.loading import load_experiment, parse_set
 
     parser = argparse.ArgumentParser(prog="python -m deitlab.engine", description=main.__doc__)
     parser.add_argument("spec")

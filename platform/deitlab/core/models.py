@@ -11,6 +11,15 @@ import torch
 from torch import nn
 
 from deitlab.core.checkpoints import model_file, student_file
+from deitlab.core.pretrained import (
+    InputConfig,
+    adapt_teacher,
+    create_pretrained,
+    file_sha256,
+    per_channel,
+    weights_file,
+)
+from deitlab.data.loaders import input_config
 from deitlab.errors import SpecError
 
 CHECKPOINT_FORMAT = "deitlab.model/1"
@@ -35,7 +44,6 @@ def _pretrained_student(name: str, student, num_classes: int, in_chans: int, img
     that fits — the position embedding resampled to its patch grid (init_student), a head for other classes fresh."""
     import timm
 
-    from deitlab.core.pretrained import create_pretrained
 
     source = create_pretrained(name, in_chans=in_chans)  # at the weights' own size and classes
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
@@ -163,8 +171,6 @@ def load_pretrained_teacher(arch: str, *, num_classes: int, in_chans: int,
                             model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A frozen teacher with timm's pretrained weights (hub cache), as it is: its classes must be the data's.
     The payload is what a deitlab model file would say of it (arch, classes, channels, metadata)."""
-    from deitlab.core.pretrained import InputConfig, create_pretrained, file_sha256, weights_file
-
     model = create_pretrained(arch, in_chans=in_chans, **(model_kwargs or {}))
     if model.num_classes != num_classes:
         raise SpecError(_class_count_mismatch(f"'{arch}'", model.num_classes, num_classes, arch))
@@ -181,7 +187,6 @@ def teacher_input(payload: dict[str, Any], in_chans: int):
     None when the file does not say (made before deitlab recorded it)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from deitlab.core.pretrained import InputConfig, per_channel
 
     meta = payload.get("metadata") or {}
     if not meta.get("img_size"):
@@ -194,9 +199,6 @@ def teacher_input(payload: dict[str, Any], in_chans: int):
 def build_teacher(spec, teacher_file: str | Path | None, bundle) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen teacher a spec names — from a deitlab model file, or timm's pretrained weights — behind the
     conversion of the student's batches to its own mean, std and image size (pretrained.TeacherInput)."""
-    from deitlab.core.pretrained import adapt_teacher
-    from deitlab.data.loaders import input_config
-
     if spec.pretrained:
         model, payload = load_pretrained_teacher(spec.arch, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
                                                  model_kwargs=spec.model_kwargs)

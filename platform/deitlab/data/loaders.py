@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from deitlab.core.pretrained import InputConfig
 from deitlab.data.batches import IMAGENET_MEAN, IMAGENET_STD, ShardBatchSampler
 from deitlab.errors import SpecError
 
@@ -71,7 +72,6 @@ def input_config(bundle: DataBundle):
     transforms normalise) ImageNet's."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from deitlab.core.pretrained import InputConfig
 
     mean = bundle.mean if bundle.mean is not None else IMAGENET_DEFAULT_MEAN
     std = bundle.std if bundle.std is not None else IMAGENET_DEFAULT_STD

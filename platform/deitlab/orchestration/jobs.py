@@ -17,6 +17,8 @@ from typing import Callable
 
 from deitlab.errors import SpecError, one_line
 from deitlab.spec.sweep import SweepSpec
+from deitlab.tracking.names import GIT_ENV
+from deitlab.tracking.store import git_commit
 
 SWEEP_METADATA = "deitlab.sweep"
 SPEC_FILE = "sweep.json"
@@ -55,8 +57,6 @@ def submit_sweep(sweep: SweepSpec, address: str) -> str:
     """Submit `deitlab sweep run` of the resolved spec as a Ray Job; returns the job's submission id."""
     import deitlab
     from deitlab.orchestration.sweep import JOB_ENV
-    from deitlab.tracking.names import GIT_ENV
-    from deitlab.tracking.store import git_commit
 
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package …" on every submission

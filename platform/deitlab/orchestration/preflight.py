@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+from deitlab.core.checkpoints import Storage, check_aws_credentials, model_file, student_file
 from deitlab.errors import SpecError, one_line
+from deitlab.orchestration.cluster import check_fits, ensure_ray
+from deitlab.orchestration.teachers import resolve_init_file, resolve_teacher_file, teacher_facts
+from deitlab.tracking.store import Tracking, check_tracking_server
 
 Status = Callable[[str], ContextManager]  # shows what is being checked (the CLI's spinner)
 
@@ -54,9 +58,6 @@ def _unique(items: list) -> list:
 def check_targets(address: str | None, *runs) -> None:
     """Each run's storage and work directory can be written (probed, nothing left behind) and its S3 credentials are
     complete, its tracking server answers and takes the credentials, and the Ray cluster's address answers."""
-    from deitlab.core.checkpoints import Storage, check_aws_credentials
-    from deitlab.tracking.store import check_tracking_server
-
     for run in runs:
         if not run.tracking_uri:  # the default MLflow store is a SQLite file in the work directory
             Storage.probe(str(run.workdir_path), what="the work directory (--workdir)")
@@ -133,8 +134,6 @@ def check_inputs(specs: list, status: Status = _quiet) -> Checked:
     (architecture, classes, channels); a teacher training's pretrained weights are in the hub cache. Missing,
     truncated and foreign local files fail before torch is imported. MLflow is only read: a registered model or run
     in a store that does not exist yet is an error, not a new store."""
-    from deitlab.tracking.store import Tracking
-
     data_sets: list = []  # (data spec, its loaded bundle or None)
     teachers: dict[str, dict[str, Any]] = {}
     done: list = []  # init_from sources, (teacher, data) pairs and pretrained archs already checked
@@ -175,9 +174,7 @@ def check_inputs(specs: list, status: Status = _quiet) -> Checked:
 
 
 def _check_init_from(source: str, reader) -> None:
-    from deitlab.core.checkpoints import student_file
     from deitlab.core.models import student_weights
-    from deitlab.orchestration.teachers import resolve_init_file
 
     if not source.startswith(("runs:/", "models:/")):
         student_file(source)  # missing or truncated: before torch is imported
@@ -186,9 +183,7 @@ def _check_init_from(source: str, reader) -> None:
 
 def _teacher_facts(teacher, bundle, reader) -> dict[str, Any]:
     """Load the teacher as the workers will and say what the runs' tags say of it; errors name the teacher."""
-    from deitlab.core.checkpoints import model_file
     from deitlab.core.models import build_teacher
-    from deitlab.orchestration.teachers import resolve_teacher_file, teacher_facts
 
     try:
         if teacher.checkpoint:
@@ -205,8 +200,6 @@ def _teacher_facts(teacher, bundle, reader) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the cluster
 def join_ray(address: str | None, status: Status = _quiet) -> None:
     """Start a local Ray, or join `address` / RAY_ADDRESS; a cluster that cannot be joined is one line."""
-    from deitlab.orchestration.cluster import ensure_ray
-
     what = "--ray-address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     with status("starting Ray…" if not address else "connecting to Ray…"):
@@ -218,6 +211,4 @@ def join_ray(address: str | None, status: Status = _quiet) -> None:
 
 def check_placement(*runs) -> None:
     """The workers of every run can be placed on the Ray cluster (counting nodes its autoscaler may add)."""
-    from deitlab.orchestration.cluster import check_fits
-
     check_fits(*runs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deitlab.core import modes
+from deitlab.core.checkpoints import Storage
 from deitlab.errors import SpecError, one_line
 from deitlab.orchestration.cluster import cluster_shapes, worker_resources
 from deitlab.orchestration.packs import plan_packs, rungs_actor
@@ -26,7 +27,7 @@ from deitlab.orchestration.preflight import Checked, preflight
 from deitlab.orchestration.records import TrialState, driver_state, runs_by_trial, trial_states
 from deitlab.orchestration.train import common_tags
 from deitlab.orchestration.trials import stop_recorder, sweep_trial, teacher_trial
-from deitlab.spec.base import validate
+from deitlab.spec.base import set_dotted, validate
 from deitlab.spec.schema import ExperimentSpec, TeacherTrainingSpec
 from deitlab.spec.sweep import TEACHER_KEY, SweepSpec
 from deitlab.tracking.names import (
@@ -108,7 +109,6 @@ def _run_tuner(trial_fn, names: list[str], run, tune_name: str, max_concurrent: 
     """A Tune grid over trial names (or the restored one), each trial a function that fits its own TorchTrainer."""
     from ray import tune
 
-    from deitlab.core.checkpoints import Storage
 
     storage = Storage.open(run.resolved_storage)
     trainable = tune.with_resources(trial_fn, TRIAL_RESOURCES)
@@ -127,7 +127,6 @@ def _run_tuner(trial_fn, names: list[str], run, tune_name: str, max_concurrent: 
 def _can_restore(run, tune_name: str) -> bool:
     from ray import tune
 
-    from deitlab.core.checkpoints import Storage
 
     storage = Storage.open(run.resolved_storage)
     try:
@@ -305,8 +304,6 @@ def plan_resume(tracking: Tracking, name: str, retry_errored: bool = False) -> S
 
 def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> SweepStart:
     """Add seeds, grid points or samples to an ended sweep; only the new trials run, under the same parent run."""
-    from deitlab.spec.base import set_dotted
-
     parent, old = recorded_sweep(tracking, name)
     if parent.status == "RUNNING":
         raise SpecError(f"sweep '{name}' has not ended; finish it with `deitlab sweep resume {name}` first")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from deitlab.errors import SpecError
+from deitlab.spec.base import validate
+from deitlab.spec.loading import read_yaml
 from deitlab.spec.schema import HF_HUB_PREFIX, DataSpec, RunSpec
 from deitlab.tracking.names import (
     KIND_TAG,
@@ -109,9 +111,6 @@ def import_teacher(name: str, registered: str, run: RunSpec, data: DataSpec | No
 
 def load_data_spec(path: str | Path) -> DataSpec:
     """The data a teacher is evaluated on: a YAML file that is a data section, or any spec that has one."""
-    from deitlab.spec.base import validate
-    from deitlab.spec.loading import read_yaml
-
     raw = read_yaml(path)
     if isinstance(raw.get("experiment"), dict):  # a sweep
         raw = raw["experiment"]

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deitlab.core.checkpoints import Storage
+from deitlab.core.checkpoints import Storage, model_file
 from deitlab.errors import SpecError
 from deitlab.orchestration.records import ray_run_name
 from deitlab.spec.schema import TeacherSpec, TeacherTrainingSpec
@@ -76,7 +76,6 @@ def teacher_facts(model, payload: dict[str, Any], bundle, path: str | None = Non
     """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals), and the
     SHA-256 of the file its weights came from (the hub's file for pretrained and imported weights, else the model
     file)."""
-    from deitlab.core.checkpoints import model_file
     from deitlab.core.models import model_family, model_size
     from deitlab.core.pretrained import file_sha256
 

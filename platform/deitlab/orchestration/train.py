@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from deitlab.core.checkpoints import Storage, write_checkpoint
+from deitlab.core.models import save_model, write_model_file
+from deitlab.core.run_artifacts import (
+    CONFUSION_FILE,
+    HISTORY_FILE,
+    confusion_json,
+    confusion_png,
+    curves_png,
+    write_checkpoint_extras,
+)
 from deitlab.core.step import DIVERGED_REASON
+from deitlab.data.loaders import load_data
 from deitlab.errors import TrainingDiverged, one_line
 from deitlab.orchestration.cluster import scaling_config
 from deitlab.orchestration.preflight import Checked, preflight
@@ -257,9 +267,6 @@ def _write_unit_checkpoint(unit: TrainUnit, engine, results: dict[str, dict[str,
     """The engine's state, each member's history and confusion matrix, and (a teacher's last epoch) its model file."""
     import ray.train
 
-    from deitlab.core.models import save_model
-    from deitlab.core.run_artifacts import write_checkpoint_extras
-
     extra: tuple[str, ...] = ()
     if unit.is_teacher and engine.epoch == unit.first.optim.epochs:
         spec, bundle = unit.first, engine.bundle
@@ -459,8 +466,6 @@ def _record_member(unit: TrainUnit, member: UnitMember, result, storage: Storage
     Read from the checkpoints in storage (history.json, confusion.json, the best state.pt), not from the workers:
     this runs in the driver, which retries an unreachable tracking server for minutes.
     """
-    from deitlab.core.run_artifacts import HISTORY_FILE
-
     if result.checkpoint is None:
         return
     where = unit.extras_dir(member.name)
@@ -478,7 +483,6 @@ def _log_run_files(unit: TrainUnit, member: UnitMember, result, storage: Storage
     """Curves, confusion matrix and (students) the best model as artifacts of the member's run."""
     import json
 
-    from deitlab.core.run_artifacts import CONFUSION_FILE, confusion_json, confusion_png, curves_png
 
     tracking, run_id, spec = unit.tracking, member.run_id, member.spec
     title = spec.name if unit.is_teacher else member.name if unit.packed else unit.name
@@ -518,8 +522,6 @@ def fill_from_history(tracking: Tracking, run_id: str, history: list[dict[str, f
 def fill_from_checkpoint(tracking: Tracking, run_id: str, storage_uri: str, run_name: str) -> None:
     """Fill the MLflow run's missing epochs from its newest checkpoint (a trial that was stopped from outside, whose
     rank 0 had no time to deliver its last values)."""
-    from deitlab.core.run_artifacts import HISTORY_FILE
-
     try:
         storage = Storage.open(storage_uri, create=False)
         newest = storage.checkpoints(ray_run_name(run_name, run_id))
@@ -535,9 +537,6 @@ def _log_best_model(unit: TrainUnit, member: UnitMember, result, storage: Storag
     """The kept checkpoint in which this member is best by run.checkpoint_metric, as a deitlab model file:
     `best_model/model.pt`. A pack's kept checkpoints are ranked by its best member: each is looked up in this
     member's history at that checkpoint's epoch."""
-    from deitlab.core.models import write_model_file
-    from deitlab.data.loaders import load_data
-
     spec = member.spec
     metric, order = spec.run.checkpoint_metric, spec.run.checkpoint_order
     by_epoch = {int(m["epoch"]): m for m in history}
