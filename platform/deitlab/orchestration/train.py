@@ -113,8 +113,6 @@ class TrainUnit:
         return f"{MEMBERS_DIR}/{name}" if self.packed else ""
 
 
-
-
 # --------------------------------------------------------------------------------------------------- worker loop
 def _restore(engine, storage: Storage, run_name: str, device) -> str | None:
     """Load the newest complete checkpoint of this run into the engine; returns where it came from.
