@@ -310,17 +310,16 @@ CASES = [
          "error: init_from 'runs:/0123456789abcdef': no MLflow run '0123456789abcdef' at 'sqlite:///{dir}/deitlab-work/"
          "mlflow.db'", {"exp.yaml": EXP + "init_from: runs:/0123456789abcdef\n", "deitlab-work": "@store"}),
     # --------------------------------------------------------------------------------------- cluster resources
-    Case("resources-too-many-workers", "cluster resources", "`deitlab train exp.yaml --workers 64` on a local Ray"
+    Case("resources-too-many-workers", "cluster resources", "`deitlab train exp.yaml --workers 4096` on a local Ray"
                                                             " (this machine's cores)",
-         ("train", "exp.yaml", "--workers", "64"),
-         "error: run: 64 worker(s) × 1 CPU can never start on the Ray cluster", {"exp.yaml": EXP}),
-    Case("resources-too-many-cpus", "cluster resources", "`deitlab train exp.yaml --set run.cpus_per_worker=64`",
-         ("train", "exp.yaml", "--set", "run.cpus_per_worker=64"),
-         "error: run: 1 worker(s) × 64 CPU can never start: no node of the Ray cluster", {"exp.yaml": EXP}),
-    Case("resources-gpu-on-cpu-cluster", "cluster resources", "`deitlab train exp.yaml --set run.gpus_per_worker=1` on"
-                                                              " a cluster without GPUs",
-         ("train", "exp.yaml", "--set", "run.gpus_per_worker=1"),
-         "error: run: 1 worker(s) × 1 CPU + 1 GPU can never start: no node of the Ray cluster", {"exp.yaml": EXP}),
+         ("train", "exp.yaml", "--workers", "4096"),
+         "error: run: 4096 worker(s) × 1 CPU can never start on the Ray cluster", {"exp.yaml": EXP}),
+    Case("resources-too-many-cpus", "cluster resources", "`deitlab train exp.yaml --set run.cpus_per_worker=4096`",
+         ("train", "exp.yaml", "--set", "run.cpus_per_worker=4096"),
+         "error: run: 1 worker(s) × 4096 CPU can never start: no node of the Ray cluster", {"exp.yaml": EXP}),
+    Case("resources-too-many-gpus", "cluster resources", "`deitlab train exp.yaml --set run.gpus_per_worker=4096`",
+         ("train", "exp.yaml", "--set", "run.gpus_per_worker=4096"),
+         "error: run: 1 worker(s) × 1 CPU + 4096 GPU can never start: no node of the Ray cluster", {"exp.yaml": EXP}),
     # ----------------------------------------------------------------------------------------- cluster address
     Case("cluster-tracking-server-unreachable", "cluster address", "`deitlab train exp.yaml --set"
                                                                 " run.tracking_uri=http://127.0.0.1:PORT` (no server)",
