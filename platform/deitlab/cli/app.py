@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from deitlab.errors import SpecError, TrainingDiverged
-from deitlab.orchestration.preflight import check_placement, join_ray, preflight
+from deitlab.orchestration.preflight import preflight
 from deitlab.spec.loading import load_sweep
 from deitlab.spec.schema import RunSpec, check_tracking_uri
 from deitlab.tracking.store import Tracking, check_tracking_server
@@ -130,12 +130,6 @@ def checked(specs: list, address: Optional[str] = None, start_ray: bool = True):
     """The preflight (orchestration.preflight) with the terminal's spinner: everything checked before anything is
     started or written; then Ray is up, unless `start_ray` is False."""
     return preflight(specs, address, status=err.status, start_ray=start_ray)
-
-
-def start_cluster(address: Optional[str], *runs) -> None:
-    """The preflight's last part, after `checked(..., start_ray=False)`: Ray up, the workers placeable."""
-    join_ray(address, err.status)
-    check_placement(*runs)
 
 
 def trial_table(title: str, epochs: dict[str, int], metric: str = "acc", mode: str = "max", states=None):

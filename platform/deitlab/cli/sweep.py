@@ -184,7 +184,6 @@ def sweep_stop(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: Tra
                address: Annotated[Optional[str], typer.Option(help="Ray dashboard URL of a cluster the sweep was"
                                                                    " submitted to")] = None) -> None:
     """Stop a running sweep: its Ray Job (--address), or its driver on this machine. `sweep resume` continues it."""
-
     if address:
         from deitlab.orchestration.jobs import check_dashboard_url, stop_jobs
         from deitlab.spec.loading import load_sweep

@@ -18,13 +18,12 @@ from deitlab.cli.app import (
     err,
     handled,
     out,
-    start_cluster,
     teacher_app,
     trial_table,
     workdir_overrides,
 )
 from deitlab.errors import SpecError
-from deitlab.orchestration.preflight import check_targets
+from deitlab.orchestration.preflight import check_targets, start_cluster
 from deitlab.orchestration.teacher_import import import_teacher, load_data_spec
 from deitlab.spec.base import validate
 from deitlab.spec.loading import load_experiment, load_sweep, load_teacher_training, parse_set
@@ -89,7 +88,7 @@ def train(spec: Path, workers: Annotated[Optional[int], typer.Option(help="Ray T
 
         run_id = Tracking.reader(experiment.run).resumable_run(experiment.name, experiment.flat_params(),
                                                                run_id).id
-    start_cluster(ray_address, experiment.run)
+    start_cluster(ray_address, experiment.run, status=err.status)
     verb = "resuming" if resume else "training"
     with err.status(f"{verb} '{experiment.name}' on {experiment.run.workers} worker(s)…"):
         outcome = train_experiment(experiment, resume=resume, run_id=run_id, checked=found)

@@ -41,8 +41,7 @@ def preflight(specs: list, address: str | None = None, status: Status = _quiet, 
     check_targets(address, *runs)
     checked = check_inputs(specs, status)
     if start_ray:
-        join_ray(address, status)
-        check_placement(*runs)
+        start_cluster(address, *runs, status=status)
     return checked
 
 
@@ -162,7 +161,7 @@ def check_inputs(specs: list, status: Status = _quiet) -> Checked:
         teacher = getattr(spec, "teacher", None)
         if teacher is not None and (teacher, spec.data) not in done:
             with status(f"loading the teacher {teacher.label}…"):
-                teachers[teacher.label] = _teacher_facts(teacher, bundle(spec.data), reader)
+                teachers[teacher.label] = _load_teacher(teacher, bundle(spec.data), reader)
             done.append((teacher, spec.data))
         if getattr(spec, "pretrained", False) and spec.arch not in done:  # a teacher fine-tuned from hub weights
             from deitlab.core.pretrained import create_pretrained
@@ -181,7 +180,7 @@ def _check_init_from(source: str, reader) -> None:
     student_weights(resolve_init_file(source, reader))  # loads, and refuses weights that are not a DeiT student's
 
 
-def _teacher_facts(teacher, bundle, reader) -> dict[str, Any]:
+def _load_teacher(teacher, bundle, reader) -> dict[str, Any]:
     """Load the teacher as the workers will and say what the runs' tags say of it; errors name the teacher."""
     from deitlab.core.models import build_teacher
 
@@ -209,6 +208,8 @@ def join_ray(address: str | None, status: Status = _quiet) -> None:
             raise SpecError(f"{what} '{address}': cannot join a Ray cluster there ({one_line(e, 200)})") from None
 
 
-def check_placement(*runs) -> None:
-    """The workers of every run can be placed on the Ray cluster (counting nodes its autoscaler may add)."""
+def start_cluster(address: str | None, *runs, status: Status = _quiet) -> None:
+    """The preflight's last part: Ray up (join_ray), and the workers of every run placeable on it (counting the
+    nodes its autoscaler may add). What a command runs after `preflight(..., start_ray=False)` and its own checks."""
+    join_ray(address, status)
     check_fits(*runs)
