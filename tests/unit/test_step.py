@@ -142,7 +142,8 @@ def test_bench_step_json_runs_on_cpu_in_seconds(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert set(report["results"]) == {"reference", "lean", "packed", "alone", "data", "decode"}
+    assert set(report["results"]) == {"reference", "lean", "packed", "alone", "cached", "teacher", "student", "data",
+                                      "decode"}
     for name, timing in report["results"].items():
         assert len(timing["runs"]) == 2 and timing["min"] <= timing["img_per_s"] <= timing["max"], name
         assert timing["img_per_s"] > 0
@@ -151,7 +152,13 @@ def test_bench_step_json_runs_on_cpu_in_seconds(tmp_path):
                                                 / report["results"]["reference"]["img_per_s"], 3)
     assert ratios["packed_trials_per_hour_vs_alone"] == round(3 * report["results"]["packed"]["img_per_s"]
                                                               / report["results"]["alone"]["img_per_s"], 3)
+    assert ratios["cached_trials_per_hour_vs_alone"] == round(3 * report["results"]["cached"]["img_per_s"]
+                                                              / report["results"]["alone"]["img_per_s"], 3)
+    # r = teacher forward / student step (per image), and the bounds it sets: K(r+1)/(r+K) packed, r+1 cached
+    r = report["results"]["student"]["img_per_s"] / report["results"]["teacher"]["img_per_s"]
+    assert ratios["teacher_vs_student_step_r"] == round(r, 3)
+    assert ratios["packed_bound"] == round(3 * (r + 1) / (r + 3), 3) and ratios["cached_bound"] == round(r + 1, 3)
     assert report["config"]["batch"] == 8 and "data_vs_lean_step" in ratios
 
     bad = subprocess.run([*command[:3], "--preset", "huge"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --preset 'huge': one of paper, small, tiny"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --preset 'huge': one of paper, small, teacher_cpu, tiny"

@@ -7,6 +7,10 @@ In one process, on the same device and the same synthetic batch (mixup/cutmix on
 - `lean`: the platform's step (step.py), eager; `lean_compiled` with torch.compile (compile time reported apart);
 - `packed`: K students of the pack architecture sharing one teacher forward, against `alone`: one such student with
   its own teacher forward. K trials alone cost K steps of `alone` per batch; packed they cost one `packed` step;
+- `cached`: the K packed students fed the teacher's logits from the teacher-logit cache (teacher_cache.py: stored
+  rows rebuilt on the device), as a second sweep with the same teacher and recipe trains; `teacher` (its forward
+  alone) and `student` (one student's step, logits given) give the cost ratio r = teacher / student and the bounds:
+  K packed students gain at most K(r+1)/(r+K) trials per hour over K alone, a cached sweep at most r+1;
 - `data`: a Parquet pack (shards.py) read, JPEG-decoded and augmented on the device (gpu_augment.py).
 Every variant gets warm-up steps first (excluded), then `repeats` timed runs of `steps` steps, variants alternating
 so drifting machine load falls on all alike; the figures are the median and the spread over repeats.
@@ -28,7 +32,8 @@ import torch
 
 from deitlab.core import modes
 from deitlab.core.reference import ReferenceStep
-from deitlab.core.step import LossConfig, Student, lean_optimizer, prepare_teacher, train_step
+from deitlab.core.step import LossConfig, Student, lean_optimizer, prepare_teacher, teacher_logits, train_step
+from deitlab.core.teacher_cache import pack_rows, unpack_rows
 from deitlab.errors import SpecError, one_line
 
 PRESETS = {
@@ -39,12 +44,17 @@ PRESETS = {
     "small": {"student": "deit_tiny_distilled_patch16_224", "pack_student": "deit_tiny_distilled_patch16_224",
               "student_kwargs": {"patch_size": 4, "embed_dim": 192, "depth": 4, "num_heads": 3},
               "teacher": "resnet18", "img_size": 32, "num_classes": 10, "batch": 32},
+    # CPU-sized and teacher-dominated, as distillation at paper scale is (RegNetY-16GF's forward costs ~4× a DeiT-Ti
+    # training step there): a 2-block student and a ResNet-50 teacher at 64×64; r is printed with the figures.
+    "teacher_cpu": {"student": "deit_tiny_distilled_patch16_224", "pack_student": "deit_tiny_distilled_patch16_224",
+                    "student_kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2},
+                    "teacher": "resnet50", "img_size": 64, "num_classes": 100, "batch": 32},
     # Seconds on any CPU: what the test suite runs.
     "tiny": {"student": "deit_tiny_distilled_patch16_224", "pack_student": "deit_tiny_distilled_patch16_224",
              "student_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
              "teacher": "test_resnet", "img_size": 16, "num_classes": 10, "batch": 8},
 }
-VARIANTS = ("reference", "lean", "lean_compiled", "packed", "alone", "data")
+VARIANTS = ("reference", "lean", "lean_compiled", "packed", "alone", "cached", "teacher", "student", "data")
 
 
 class BenchError(ValueError):
@@ -63,7 +73,7 @@ class StepBenchConfig:
     compile: bool = False
     device: str = "auto"
     data: str | None = None  # a Parquet pack (dir or s3://); default: a small pack made in a temp dir
-    only: tuple[str, ...] = ("reference", "lean", "packed", "alone", "data")
+    only: tuple[str, ...] = ("reference", "lean", "packed", "alone", "cached", "data")
 
     def check(self) -> None:
         if self.preset not in PRESETS:
@@ -145,16 +155,19 @@ def _step_functions(cfg: StepBenchConfig, device: torch.device, mixup, batch) ->
     functions: dict[str, Callable[[], None]] = {}
     step_count = [0]
 
-    def lean_variant(arch: str, count: int, compile: bool):
+    def lean_variant(arch: str, count: int, compile: bool, cached: bool = False):
         lean_teacher = prepare_teacher(copy.deepcopy(teacher), device, amp=True, compile=compile) if teacher else None
         students = _lean_students(cfg, arch, count, device, compile)
         for student in students:
             student.begin_epoch(0)
+        # What the cache holds for this batch, as stored (on the CPU): each step rebuilds it on the device.
+        stored = pack_rows(teacher_logits(lean_teacher, mixup(images, labels)[0]), "full") if cached else None
 
         def step() -> None:
             step_count[0] += 1
             mixed, targets = mixup(images, labels)
-            train_step(students, lean_teacher, mixed, targets, step_count[0])
+            logits = unpack_rows(stored, preset["num_classes"], device) if stored is not None else None
+            train_step(students, None if cached else lean_teacher, mixed, targets, step_count[0], logits)
         return step
 
     if "reference" in cfg.only:
@@ -168,8 +181,14 @@ def _step_functions(cfg: StepBenchConfig, device: torch.device, mixup, batch) ->
         functions["lean_compiled"] = lean_variant(preset["student"], 1, True)
     if "packed" in cfg.only:
         functions["packed"] = lean_variant(preset["pack_student"], cfg.pack, cfg.compile)
-    if "alone" in cfg.only or "packed" in cfg.only:
+    if "alone" in cfg.only or "packed" in cfg.only or "cached" in cfg.only:
         functions["alone"] = lean_variant(preset["pack_student"], 1, cfg.compile)
+    if teacher is not None and "cached" in cfg.only:
+        functions["cached"] = lean_variant(preset["pack_student"], cfg.pack, cfg.compile, cached=True)
+    if teacher is not None and ({"cached", "teacher", "student"} & set(cfg.only)):
+        functions["student"] = lean_variant(preset["pack_student"], 1, cfg.compile, cached=True)
+        forward_teacher = prepare_teacher(copy.deepcopy(teacher), device, amp=True, compile=cfg.compile)
+        functions["teacher"] = lambda: teacher_logits(forward_teacher, mixup(images, labels)[0])
     return functions
 
 
@@ -261,6 +280,13 @@ def measure_steps(cfg: StepBenchConfig) -> dict:
     if "packed" in results and "alone" in results:
         # K trials alone: K steps of `alone` per batch; packed: one `packed` step.
         ratios["packed_trials_per_hour_vs_alone"] = cfg.pack * results["packed"].img_per_s / results["alone"].img_per_s
+    if "cached" in results and "alone" in results:
+        ratios["cached_trials_per_hour_vs_alone"] = cfg.pack * results["cached"].img_per_s / results["alone"].img_per_s
+    if "teacher" in results and "student" in results:
+        r = results["student"].img_per_s / results["teacher"].img_per_s  # time per image: teacher / student step
+        ratios["teacher_vs_student_step_r"] = r
+        ratios["packed_bound"] = cfg.pack * (r + 1) / (r + cfg.pack)
+        ratios["cached_bound"] = r + 1
     step = results.get("lean_compiled") or results.get("lean")
     if "data" in results and step is not None:
         ratios["data_vs_lean_step"] = results["data"].img_per_s / step.img_per_s
@@ -291,7 +317,15 @@ def format_table(report: dict) -> str:
         peak = "" if t["peak_memory_gib"] is None else f"{t['peak_memory_gib']:.1f}"
         lines.append(f"{name:<15}{t['img_per_s']:>12.1f}{t['min']:>12.1f}{t['max']:>12.1f}{t['warmup_s']:>11.2f}"
                      f"{peak:>10}")
-    lines += [f"{name}: {value:.2f}×" for name, value in report["ratios"].items()]
+    ratios = dict(report["ratios"])
+    r, k = ratios.pop("teacher_vs_student_step_r", None), report["config"]["pack"]
+    packed_bound, cached_bound = ratios.pop("packed_bound", None), ratios.pop("cached_bound", None)
+    if r is not None:
+        lines.append(f"teacher forward / student step: r = {r:.2f}")
+    for name, value in ratios.items():
+        bound = {"packed_trials_per_hour_vs_alone": packed_bound, "cached_trials_per_hour_vs_alone": cached_bound}.get(
+            name)
+        lines.append(f"{name}: {value:.2f}×" + (f"  (bound for K={k}, r={r:.2f}: {bound:.2f}×)" if bound else ""))
     return "\n".join(lines)
 
 

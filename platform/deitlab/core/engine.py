@@ -19,6 +19,7 @@ import torch.distributed as dist
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from deitlab.core.checkpoints import Storage
 from deitlab.core.distill import (
     accuracies_from_counts,
     confusion_counts,
@@ -41,10 +42,10 @@ from deitlab.core.step import (
     autocast,
     lean_optimizer,
     prepare_teacher,
-    teacher_logits,
     train_step,
 )
-from deitlab.data.loaders import BatchPipeline, DataBundle, load_data, make_loaders
+from deitlab.core.teacher_cache import CacheStats, TeacherCache, TeacherFeed, cache_key, weights_sha256
+from deitlab.data.loaders import BatchPipeline, DataBundle, data_fingerprint, load_data, make_loaders
 from deitlab.errors import SpecError
 from deitlab.spec.loading import load_experiment, parse_set
 
@@ -72,7 +73,8 @@ class Engine:
     """Trains one student, or a pack of students in lockstep on the same batches and the same teacher forward."""
 
     def __init__(self, members: list[Member], *, teacher: nn.Module | None, data, run, device: torch.device,
-                 rank: int = 0, world_size: int = 1, bundle: DataBundle | None = None):
+                 rank: int = 0, world_size: int = 1, bundle: DataBundle | None = None,
+                 teacher_cache: TeacherCache | None = None):
         if len({m.name for m in members}) != len(members) or not members:
             raise ValueError("an engine needs one or more students with distinct names")
         self.device, self.rank, self.world_size = device, rank, world_size
@@ -87,6 +89,8 @@ class Engine:
         self.amp = run.amp and device.type == "cuda"
         compile_ = getattr(run, "compile", False)
         self.teacher = prepare_teacher(teacher, device, amp=self.amp, compile=compile_) if teacher is not None else None
+        self.teacher_cache = teacher_cache if self.teacher is not None else None
+        self.teacher_stats = CacheStats()  # this run's teacher batches: cached, written, live (kept in checkpoints)
         self._distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
         self.global_batch = data.batch_size * world_size
         self.seed = run.seed
@@ -157,11 +161,14 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         if len(self.students) == 1:  # the format single runs always had
-            return self.student.state_dict(self.epoch)
-        return {"epoch": self.epoch, "students": {s.name: s.state_dict(self.epoch) for s in self.students}}
+            state = self.student.state_dict(self.epoch)
+        else:
+            state = {"epoch": self.epoch, "students": {s.name: s.state_dict(self.epoch) for s in self.students}}
+        return {**state, "teacher_batches": self.teacher_stats.as_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
+        self.teacher_stats = CacheStats(**state.get("teacher_batches", {}))
         if "students" in state:
             for student in self.students:
                 student.load_state_dict(state["students"][student.name], self.epoch)
@@ -169,6 +176,12 @@ class Engine:
             self.student.load_state_dict(state, self.epoch)
 
     # ---------------------------------------------------------------------------------------------- epochs
+    def _teacher_feed(self, split: str, epoch: int | None, steps: int) -> TeacherFeed | None:
+        """Where this pass's teacher logits come from (the cache or the teacher); None without a teacher."""
+        if self.teacher is None:
+            return None
+        return TeacherFeed(self.teacher, self.teacher_cache, split, epoch, steps, self.teacher_stats)
+
     def train_epoch(self) -> dict[str, dict[str, float]]:
         """One epoch of every active student; their training metrics by name. A student whose loss is not finite
         is stopped (its reason says so) and left out; the others go on."""
@@ -179,18 +192,22 @@ class Engine:
             student.begin_epoch((seed + 7_919) % 2**31)
         per_epoch = len(self.train_loader)
         steps, images_seen, start = 0, 0, time.perf_counter()
+        needs_teacher = any(s.loss.needs_teacher for s in active)
+        feed = self._teacher_feed("train", self.epoch, per_epoch) if needs_teacher else None
         for images, labels in self.train_loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             images, targets = self.pipeline.train_batch(images, labels)
             steps += 1
             global_step = self.epoch * per_epoch + steps
-            train_step(active, self.teacher, images, targets, global_step)
+            train_step(active, self.teacher, images, targets, global_step, feed(images) if feed else None)
             images_seen += images.shape[0]
             if self.log_every_steps and global_step % self.log_every_steps == 0:
                 for student in active:
                     if student.on_step is not None:
                         student.on_step(student.step_metrics(), global_step)
+        if feed is not None:
+            feed.finish()
         self.epoch += 1
         elapsed = time.perf_counter() - start
         sums = torch.stack([s.sums for s in active])  # one reduction for the whole pack
@@ -220,10 +237,11 @@ class Engine:
         loss_sum = {s.name: torch.zeros((), device=self.device) for s in active}
         for student in active:
             student.model.eval()
+        feed = self._teacher_feed("val", None, len(self.val_loader))
         for images, labels in self.val_loader:
             images = self.pipeline.normalize(images.to(self.device, non_blocking=True))
             labels = labels.to(self.device, non_blocking=True)
-            t_logits = teacher_logits(self.teacher, images) if self.teacher is not None else None
+            t_logits = feed(images) if feed is not None else None
             for student in active:
                 with autocast(self.amp, self.device):
                     cls_logits, dist_logits = student_heads(student.model, images)
@@ -234,6 +252,8 @@ class Engine:
                 for key, value in head_agreement_counts(cls_logits, dist_logits, labels, t_logits,
                                                         predictions).items():
                     mine[key] = mine.get(key, 0) + value.float()
+        if feed is not None:
+            feed.finish()
         results = {}
         for student in active:
             keys = sorted(totals[student.name])
@@ -294,17 +314,21 @@ def pack_key(spec) -> str:
 
 
 def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torch.device, rank: int = 0,
-                world_size: int = 1, init_file: str | None = None) -> Engine:
+                world_size: int = 1, init_file: str | None = None, cache_storage: str | None = None) -> Engine:
     """An Engine training one student per ExperimentSpec in `specs` (name → spec) in lockstep; the specs must share
     a pack_key. `teacher_file` and `init_file` (the students' starting weights, from spec.init_from) are local files:
-    adapters resolve runs:/ and models:/ URIs."""
+    adapters resolve runs:/ and models:/ URIs. `cache_storage`: where the teacher-logit cache lives (the spec's
+    run.cache_storage, as the commands pass it); None: no cache."""
     first = next(iter(specs.values()))
     if len({pack_key(spec) for spec in specs.values()}) != 1:
         raise ValueError("packed trials must share teacher, data, batch schedule and run settings")
     bundle = load_data(first.data)
-    teacher = None
+    teacher = cache = None
     if first.teacher is not None:
         teacher, _ = build_teacher(first.teacher, teacher_file, bundle)
+        if cache_storage is not None and first.run.teacher_cache.enabled:
+            cache = open_teacher_cache(first, teacher, bundle, cache_storage, device=device, rank=rank,
+                                       world_size=world_size)
     if first.init_from and init_file is None:
         if ":/" in first.init_from:
             raise ValueError("the spec has init_from but no checkpoint file was resolved")
@@ -318,14 +342,24 @@ def pack_engine(specs: dict[str, Any], teacher_file: str | None, *, device: torc
         members.append(Member(name, student, LossConfig.from_specs(spec.distillation, spec.data.augment), spec.optim,
                               spec.distillation.eval_head, spec.distillation.fusion))
     return Engine(members, teacher=teacher, data=first.data, run=first.run, device=device, rank=rank,
-                  world_size=world_size, bundle=bundle)
+                  world_size=world_size, bundle=bundle, teacher_cache=cache)
+
+
+def open_teacher_cache(spec, teacher: nn.Module, bundle: DataBundle, storage_uri: str, *, device: torch.device,
+                       rank: int, world_size: int) -> TeacherCache:
+    """The teacher-logit cache of a spec's batches, under `storage_uri`, with the spec's run.teacher_cache settings."""
+    settings = spec.run.teacher_cache
+    key = cache_key(spec, weights_sha=weights_sha256(teacher), fingerprint=data_fingerprint(bundle),
+                    num_classes=bundle.num_classes, world_size=world_size, device_type=device.type)
+    storage = Storage.open(storage_uri, create=False, what="run.teacher_cache.storage")
+    return TeacherCache(storage, key, rank=rank, num_classes=bundle.num_classes, verify=settings.verify)
 
 
 def experiment_engine(spec, teacher_file: str | None, *, device: torch.device, rank: int = 0,
-                      world_size: int = 1, init_file: str | None = None) -> Engine:
+                      world_size: int = 1, init_file: str | None = None, cache_storage: str | None = None) -> Engine:
     """An Engine for one ExperimentSpec (see pack_engine)."""
     return pack_engine({"student": spec}, teacher_file, device=device, rank=rank, world_size=world_size,
-                       init_file=init_file)
+                       init_file=init_file, cache_storage=cache_storage)
 
 
 def teacher_engine(spec, *, device: torch.device, rank: int = 0, world_size: int = 1, name: str = "teacher") -> Engine:
@@ -369,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError("teacher.uri needs MLflow: use `deitlab train`, or give teacher.checkpoint here")
         if spec.init_from and ":/" in spec.init_from:
             raise SpecError("init_from runs:/ and models:/ need MLflow: use `deitlab train`, or give a checkpoint path")
-        engine = experiment_engine(spec, spec.teacher.checkpoint if spec.teacher else None, device=pick_device(spec.run))
+        engine = experiment_engine(spec, spec.teacher.checkpoint if spec.teacher else None, device=pick_device(spec.run),
+                                   cache_storage=spec.run.cache_storage)
         for metrics in engine.run(spec.optim.epochs):
             print(json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
     except SpecError as err:

@@ -63,7 +63,7 @@ def prepare_teacher(teacher: nn.Module, device: torch.device, *, amp: bool, comp
     teacher = teacher.to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
-        if amp:
+        if amp:  # what teacher_cache.teacher_dtype says: the cache's key names the dtype
             teacher = teacher.to(dtype=torch.bfloat16)
     return torch.compile(teacher) if compile else teacher
 
@@ -189,10 +189,11 @@ class Student:
 
 
 def train_step(students: list[Student], teacher: nn.Module | None, images: torch.Tensor, targets: torch.Tensor,
-               global_step: int) -> None:
-    """One step of every student still training, on one batch, with one teacher forward between them."""
+               global_step: int, logits: torch.Tensor | None = None) -> None:
+    """One step of every student still training, on one batch, with one teacher forward between them (or the
+    teacher's `logits` given: the teacher-logit cache's)."""
     active = [s for s in students if s.stopped is None]
-    needs_teacher = teacher is not None and any(s.loss.needs_teacher for s in active)
-    logits = teacher_logits(teacher, images) if needs_teacher else None
+    if logits is None and teacher is not None and any(s.loss.needs_teacher for s in active):
+        logits = teacher_logits(teacher, images)
     for student in active:
         student.step(images, targets, logits, global_step)

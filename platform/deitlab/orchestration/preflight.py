@@ -55,12 +55,15 @@ def _unique(items: list) -> list:
 
 # ------------------------------------------------------------------------------------------------ where runs go
 def check_targets(address: str | None, *runs) -> None:
-    """Each run's storage and work directory can be written (probed, nothing left behind) and its S3 credentials are
-    complete, its tracking server answers and takes the credentials, and the Ray cluster's address answers."""
+    """Each run's storage, teacher cache and work directory can be written (probed, nothing left behind) and its S3
+    credentials are complete, its tracking server answers and takes the credentials, and the Ray cluster's address
+    answers."""
     for run in runs:
         if not run.tracking_uri:  # the default MLflow store is a SQLite file in the work directory
             Storage.probe(str(run.workdir_path), what="the work directory (--workdir)")
         Storage.probe(run.resolved_storage)
+        if run.teacher_cache.enabled and run.teacher_cache.storage:  # a cache shared beyond this run's storage
+            Storage.probe(run.teacher_cache.storage, what="run.teacher_cache.storage")
         check_tracking_server(run.resolved_tracking_uri)
         if (run.artifacts or "").startswith("s3://"):  # MLflow's boto3 needs them; it would fail only at the end
             check_aws_credentials(f"run.artifacts '{run.artifacts}'")

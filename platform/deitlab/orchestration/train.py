@@ -49,7 +49,11 @@ from deitlab.tracking.names import (
     STUDENT_TAG,
     TEACHER_ACC_TAG,
     TEACHER_ARCH_TAG,
+    TEACHER_CACHE_CHECKS_TAG,
+    TEACHER_CACHE_KEY_TAG,
+    TEACHER_CACHE_TAG,
     TEACHER_FAMILY_TAG,
+    TEACHER_FORWARDS_TAG,
     TEACHER_GFLOPS_TAG,
     TEACHER_SHA_TAG,
     TEACHER_TAG,
@@ -205,7 +209,7 @@ def _unit_engine(unit: TrainUnit, device, rank: int, world_size: int):
     teacher_file = resolve_teacher_file(first.teacher, unit.tracking) if first.teacher else None
     init_file = resolve_init_file(first.init_from, unit.tracking) if first.init_from else None
     return pack_engine({m.name: m.spec for m in unit.members}, teacher_file, device=device, rank=rank,
-                       world_size=world_size, init_file=init_file)
+                       world_size=world_size, init_file=init_file, cache_storage=first.run.cache_storage)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -331,6 +335,20 @@ def _train_epochs(unit: TrainUnit, engine, rank: int, world_size: int, runs: dic
                 if diverged:
                     log.warning("%s: %s", student.name, student.stopped)
                 unit.tracking.try_set_tags(record.run_id, {DIVERGED_TAG if diverged else STOPPED_TAG: student.stopped})
+    _record_teacher_batches(unit, engine, runs)
+
+
+def _record_teacher_batches(unit: TrainUnit, engine, runs: dict[str, _RunLog]) -> None:
+    """Rank 0, at the end: on each member's run, how its teacher batches were served (the cache, written, live)."""
+    if engine.teacher is None:
+        return
+    stats = engine.teacher_stats
+    tags = {TEACHER_CACHE_TAG: stats.summary() if engine.teacher_cache is not None else "off",
+            TEACHER_FORWARDS_TAG: stats.live, TEACHER_CACHE_CHECKS_TAG: stats.checked}
+    if engine.teacher_cache is not None:
+        tags[TEACHER_CACHE_KEY_TAG] = engine.teacher_cache.key.key
+    for record in runs.values():
+        unit.tracking.try_set_tags(record.run_id, tags)
 
 
 def _failure_recorder(unit: TrainUnit):

@@ -303,6 +303,33 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+def _storage_uri(uri: str | None, field_name: str) -> str | None:
+    """A storage location (a local folder or s3://…) as logged in params: no credentials, local paths absolute."""
+    if uri and any(k in uri.lower() for k in ("access_key", "secret_key", "session_token", "@")):
+        raise ValueError(f"credentials do not belong in {field_name}; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                         " (or a profile) in the environment")
+    return absolute_path(uri.removeprefix("file://")) if uri else uri
+
+
+class TeacherCacheSpec(StrictSpec):
+    """The teacher-logit cache (core/teacher_cache.py): a teacher's logits on every batch, written by the first run
+    and read by every later run, pack, retry, resume and extension whose batches are the same."""
+
+    enabled: bool = Field(True, description="write and read cached teacher logits")
+    storage: str | None = Field(None, description="where the cache lives (STORAGE/teacher_cache/KEY): a local folder"
+                                                  " or s3://bucket/prefix; default run.storage")
+    logits: Literal["auto", "full", "topk"] = Field(
+        "auto", description="full fp32 logits (a cached run equals a live one exactly), the top-k of each row (the"
+                            " rest of the probability spread evenly), or auto: full up to 100 classes")
+    topk: int = Field(10, ge=1, description="logits kept per image in the top-k layout")
+    verify: bool = Field(True, description="check each cached pass against the teacher on its first batch")
+
+    @field_validator("storage")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        return _storage_uri(uri, "run.teacher_cache.storage")
+
+
 class RunSpec(StrictSpec):
     workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -333,6 +360,7 @@ class RunSpec(StrictSpec):
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         "pack", description="Ray placement of the workers: pack onto few nodes, or spread over nodes")
+    teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
 
     @field_validator("resources")
     @classmethod
@@ -358,10 +386,7 @@ class RunSpec(StrictSpec):
     @classmethod
     def _no_credentials_in_storage(cls, uri: str | None) -> str | None:
         # run.storage is logged as an MLflow param: credentials belong in the environment (AWS_* variables, profiles).
-        if uri and any(k in uri.lower() for k in ("access_key", "secret_key", "session_token", "@")):
-            raise ValueError("credentials do not belong in run.storage; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-                             " (or a profile) in the environment")
-        return absolute_path(uri.removeprefix("file://")) if uri else uri
+        return _storage_uri(uri, "run.storage")
 
     @field_validator("artifacts")
     @classmethod
@@ -388,6 +413,11 @@ class RunSpec(StrictSpec):
     @property
     def resolved_storage(self) -> str:
         return self.storage or str(self.workdir_path / "ray_results")
+
+    @property
+    def cache_storage(self) -> str:
+        """Where the teacher-logit cache lives (its teacher_cache/ folder is under it)."""
+        return self.teacher_cache.storage or self.resolved_storage
 
 
 # ------------------------------------------------------------------------------------------------------ experiment

@@ -104,6 +104,11 @@ TEACHER_FAMILY_TAG = "deitlab.teacher_family"  # convnet | transformer: what the
 
 
 TEACHER_SHA_TAG = "deitlab.teacher_sha256"  # SHA-256 of the file the teacher's weights came from
+# The teacher-logit cache (core/teacher_cache.py), per run: what served its teacher batches, "read 40 of 40 batches"
+TEACHER_CACHE_TAG = "deitlab.teacher_cache"
+TEACHER_CACHE_KEY_TAG = "deitlab.teacher_cache.key"
+TEACHER_CACHE_CHECKS_TAG = "deitlab.teacher_cache.checked"  # cached passes checked live on their first batch
+TEACHER_FORWARDS_TAG = "deitlab.teacher_forwards"  # batches the teacher computed (0: all came from the cache)
 
 
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
