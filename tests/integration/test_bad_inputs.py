@@ -291,6 +291,32 @@ CASES = [
                                                      " file system, where even root cannot make folders)",
          ("train", "exp.yaml", "--workdir", "/proc/deitlab"),
          "error: the work directory (--workdir) '/proc/deitlab': cannot create folders in '/proc' (", {"exp.yaml": EXP}),
+    Case("storage-teacher-cache-read-only", "storage URI", "`deitlab train exp.yaml --set"
+                                                          " run.teacher_cache.storage=/proc/cache` (a place no run"
+                                                          " can write its cache)",
+         ("train", "exp.yaml", "--set", "run.teacher_cache.storage=/proc/cache"),
+         "error: run.teacher_cache.storage '/proc/cache': cannot create folders in '/proc' (", {"exp.yaml": EXP}),
+    Case("storage-teacher-cache-unreachable", "storage URI", "`deitlab sweep run sweep.yaml --set"
+                                                             " experiment.run.teacher_cache.storage=s3://bad-inputs/"
+                                                             "cache` with `AWS_ENDPOINT_URL` where nothing listens",
+         ("sweep", "run", "sweep.yaml", "--set", "experiment.run.teacher_cache.storage=s3://bad-inputs/cache"),
+         "error: run.teacher_cache.storage 's3://bad-inputs/cache': ", {"exp.yaml": EXP, "sweep.yaml": SWEEP},
+         env={**S3, "AWS_ENDPOINT_URL": "http://127.0.0.1:{port}"}),
+    Case("cli-teacher-cache-rm-unknown-key", "CLI option", "`deitlab teacher cache rm 0123abcd` (a key that is not"
+                                                           " there) in a work directory whose cache holds none",
+         ("teacher", "cache", "rm", "0123abcd", "--storage", "cache"),
+         "error: no teacher cache key '0123abcd' at cache (keys there: none)", {"cache/teacher_cache/.keep": ""}),
+    Case("cli-teacher-cache-rm-nothing", "CLI option", "`deitlab teacher cache rm` with neither a key nor"
+                                                       " `--older-than`",
+         ("teacher", "cache", "rm", "--storage", "cache"), "error: give a KEY or --older-than DAYS (one of them)",
+         {"cache/teacher_cache/.keep": ""}),
+    Case("cli-teacher-cache-negative-age", "CLI option", "`deitlab teacher cache rm --older-than -3`",
+         ("teacher", "cache", "rm", "--older-than", "-3", "--storage", "cache"),
+         "error: --older-than -3: expected a number of days >= 0", {"cache/teacher_cache/.keep": ""}),
+    Case("cli-teacher-cache-no-workdir", "CLI option", "`deitlab teacher cache list --workdir elsewhere` (no such"
+                                                       " work directory)",
+         ("teacher", "cache", "list", "--workdir", "elsewhere"),
+         "error: no teacher cache in 'elsewhere': it has no ray_results/ folder; give --workdir or --storage"),
     Case("spec-teacher-unknown-registered-model", "spec", "`deitlab train exp.yaml` whose `teacher.uri` is"
                                                           " `models:/no-such-teacher/1`, in a work directory whose"
                                                           " store has other models",

@@ -8,8 +8,10 @@ import timm
 import torch
 from conftest import TINY_STUDENT, write_yaml
 from deitlab.cli.app import app
+from deitlab.core.checkpoints import Storage
 from deitlab.core.engine import experiment_engine, pick_device
 from deitlab.core.models import save_model
+from deitlab.core.teacher_cache import list_caches
 from deitlab.orchestration.sweep import planned_trials
 from deitlab.spec.loading import load_sweep
 from mlflow import MlflowClient
@@ -73,3 +75,37 @@ def test_a_pack_trains_its_members_as_if_alone_and_stops_them_one_by_one(ray_ses
     for key in ("acc", "acc_teacher", "val_loss", "train_loss"):
         logged = [m.value for m in sorted(client.get_metric_history(reference.info.run_id, key), key=lambda m: m.step)]
         assert all(math.isclose(a, m[key], rel_tol=1e-5, abs_tol=1e-6) for a, m in zip(logged, alone)), key
+
+    # The pack computed its teacher's logits once and wrote them; a second sweep with the same teacher and recipe
+    # (other trials, other students) runs its teacher zero times, and records the same metrics as it would live.
+    tags = reference.data.tags
+    forwards = int(tags["deitlab.teacher_forwards"])  # every training batch, and the validation set once
+    summary = tags["deitlab.teacher_cache"]  # later evaluations read the validation logits the first one wrote
+    batches = int(summary.split(" of ")[1].split()[0])
+    assert forwards > 0 and summary == f"read {batches - forwards}, written {forwards} of {batches} batches"
+    key = tags["deitlab.teacher_cache.key"]
+    (entry,) = list_caches(Storage.open(str(workdir / "ray_results"), create=False))
+    # Epochs in which ASHA had left only the `none` member needed no teacher logits, and none were written.
+    held = entry.epochs
+    assert entry.key == key and held == list(range(len(held))) and held and entry.val
+    again = {**raw, "name": "sw-pack-again", "grid": [{"distillation.mode": ["soft", "hard"], "teacher": ["convnet"],
+                                                        "distillation.lambda": [0.3]}]}
+    again["experiment"] = {**raw["experiment"], "optim": {"epochs": len(held), "warmup_epochs": 0}}
+    again.pop("early_stopping")
+    path = write_yaml(tmp_path / "again.yaml", json.dumps(again))
+    result = CliRunner().invoke(app, ["sweep", "run", str(path)])
+    assert result.exit_code == 0, result.output
+    second = client.get_experiment_by_name("sw-pack-again").experiment_id
+    trials = client.search_runs([second], "tags.`deitlab.kind` = 'trial'")
+    assert len(trials) == 2
+    for run in trials:
+        assert run.data.tags["deitlab.teacher_forwards"] == "0", run.info.run_name
+        assert run.data.tags["deitlab.teacher_cache.key"] == key
+        read = int(run.data.tags["deitlab.teacher_cache"].split()[1])
+        assert run.data.tags["deitlab.teacher_cache"] == f"read {read} of {read} batches" and read > 0
+        assert int(run.data.tags["deitlab.teacher_cache.checked"]) == 2 * len(held)  # training + validation passes
+    cached = next(r for r in trials if r.info.run_name.startswith("soft"))
+    spec = planned_trials(load_sweep(path))[cached.info.run_name]
+    live = list(experiment_engine(spec, str(teacher), device=pick_device(spec.run)).run(len(held)))  # no cache
+    logged = [m.value for m in sorted(client.get_metric_history(cached.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert all(math.isclose(a, m["train_loss"], rel_tol=1e-5, abs_tol=1e-6) for a, m in zip(logged, live))

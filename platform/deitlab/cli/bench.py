@@ -63,6 +63,15 @@ def bench_step(ctx: typer.Context) -> None:
     raise typer.Exit(main(list(ctx.args)))
 
 
+@bench_app.command("topk", add_help_option=False,
+                   context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_topk(ctx: typer.Context) -> None:
+    """What top-k cached teacher logits cost against full ones: KL and student accuracy over seeds; --help for options."""
+    from deitlab.bench.topk import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
 @bench_app.command("logging")
 @handled
 def bench_logging(spec: Annotated[Optional[Path], typer.Argument(help="experiment spec (default: the bundled"

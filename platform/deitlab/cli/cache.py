@@ -32,14 +32,6 @@ def _storage(storage: str | None, workdir: Path):
     return Storage.open(storage, create=False, what="--storage")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 @cache_app.command("list")
 @handled
 def cache_list(storage: StorageOption = None, workdir: CacheWorkdir = Path("deitlab-work")) -> None:
@@ -47,6 +39,7 @@ def cache_list(storage: StorageOption = None, workdir: CacheWorkdir = Path("deit
     from rich.table import Table
 
     from deitlab.core.teacher_cache import list_caches
+    from deitlab.orchestration.cache_plan import human_bytes
 
     store = _storage(storage, workdir)
     entries = list_caches(store)
@@ -55,12 +48,12 @@ def cache_list(storage: StorageOption = None, workdir: CacheWorkdir = Path("deit
         table.add_column(column, no_wrap=column == "key", justify="right" if column in ("size",) else "left")
     for e in entries:
         f = e.facts
-        data = f"{f.get('dataset', '?')} ({f.get('data_fingerprint', '?')}), batch {f.get('data', {}).get('batch_size', '?')}" \
-               f" × {f.get('world_size', '?')}, seed {f.get('seed', '?')}"
+        data = (f"{f.get('dataset', '?')} ({f.get('data_fingerprint', '?')}), batch"
+                f" {f.get('data', {}).get('batch_size', '?')} × {f.get('world_size', '?')}, seed {f.get('seed', '?')}")
         epochs = _ranges(e.epochs) if e.epochs else "—"
         table.add_row(e.key, str(f.get("teacher", "?")), data, str(f.get("layout", "?")),
                       epochs if e.foreign is None else f"not read: {e.foreign}", "yes" if e.val else "no",
-                      _size(e.bytes), e.last_used or "—")
+                      human_bytes(e.bytes), e.last_used or "—")
     out.print(table)
 
 
@@ -83,6 +76,7 @@ def cache_rm(key: Annotated[Optional[str], typer.Argument(help="the key to remov
              storage: StorageOption = None, workdir: CacheWorkdir = Path("deitlab-work")) -> None:
     """Remove one key, or every key not used for --older-than DAYS. Runs then compute those logits again."""
     from deitlab.core.teacher_cache import list_caches, remove_cache
+    from deitlab.orchestration.cache_plan import human_bytes
 
     if (key is None) == (older_than is None):
         raise SpecError("give a KEY or --older-than DAYS (one of them)")
@@ -100,7 +94,8 @@ def cache_rm(key: Annotated[Optional[str], typer.Argument(help="the key to remov
         chosen = [e for e in entries if _epoch_seconds(e.last_used) < cutoff]
     for entry in chosen:
         remove_cache(store, entry.key)
-        err.print(f"removed {entry.key} ({entry.facts.get('teacher', '?')}, {_size(entry.bytes)})", highlight=False)
+        err.print(f"removed {entry.key} ({entry.facts.get('teacher', '?')}, {human_bytes(entry.bytes)})",
+                  highlight=False)
     if not chosen:
         err.print(f"nothing last used more than {older_than:g} days ago", highlight=False)
 

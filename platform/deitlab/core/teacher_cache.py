@@ -315,22 +315,29 @@ class TeacherFeed:
                             " this pass runs the teacher live", self.cache.display(
                                 f"{pass_name(self.split, self.epoch, self.cache.rank)}.pt"), diff)
                 self._cached = None
-                self.stats.live += 1
-                return live
+                return self._live(images, live)
         if self._cached is not None and index < len(self._cached):
             self.stats.read += 1
             return unpack_rows(self._cached[index], self.cache.num_classes, images.device)
-        logits = teacher_logits(self.teacher, images)
+        return self._live(images)
+
+    def _live(self, images: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits on this batch, recorded for the cache; in a top-k layout, rebuilt from the rows kept,
+        so that students learn the same from a pass that was written as from one that was read."""
+        logits = teacher_logits(self.teacher, images) if logits is None else logits
         self.stats.live += 1
+        if self.cache is None or (self.cache.shape == "full" and self._record is None):
+            return logits
+        rows = pack_rows(logits, self.cache.shape)
         if self._record is not None:
-            self._record.append(pack_rows(logits, self.cache.shape))
-        return logits
+            self._record.append(rows)
+        return logits if self.cache.shape == "full" else unpack_rows(rows, self.cache.num_classes, logits.device)
 
     def finish(self) -> None:
         """The pass ended: write what was recorded, when it covers every batch."""
-        if self._record is not None and len(self._record) == self.steps and self._index == self.steps:
-            if self.cache.write(self.split, self.epoch, self._record):
-                self.stats.written += self.steps
+        complete = self._record is not None and len(self._record) == self.steps == self._index
+        if complete and self.cache.write(self.split, self.epoch, self._record):
+            self.stats.written += self.steps
         self._record = None
 
 
