@@ -184,3 +184,24 @@ def test_local_paths_become_absolute_where_the_spec_is_loaded(tmp_path, monkeypa
     assert validate(RunSpec, {"storage": s3}).storage == s3
     teacher = validate(TeacherSpec, {"checkpoint": "t.pt"})
     assert teacher.checkpoint == str(tmp_path / "t.pt")
+
+
+def test_sweep_plan_shows_each_trials_pack_and_full_names_on_a_narrow_terminal(tmp_path, monkeypatch):
+    from deitlab.cli.app import out
+    from deitlab.orchestration.packs import plan_packs
+    from deitlab.orchestration.sweep import planned_trials
+
+    monkeypatch.setattr(out, "width", 70)  # narrower than the table wants: other columns give way
+    path = write_yaml(tmp_path / "s.yaml", SWEEP + "pack: 4\n")
+    result = CliRunner().invoke(app, ["sweep", "plan", str(path)])
+    assert result.exit_code == 0, result.output
+    units = plan_packs(planned_trials(load_sweep(path)), 4)
+    lines = result.output.splitlines()
+    for unit, members in units.items():
+        for member in members:
+            [line] = [ln for ln in lines if f" {member} " in ln]  # the whole name, on one line
+            assert (unit if len(members) > 1 else "—") in line, line
+    assert "pack-" in result.output
+
+    unpacked = CliRunner().invoke(app, ["sweep", "plan", str(write_yaml(tmp_path / "u.yaml", SWEEP))])
+    assert "pack-" not in unpacked.output and "none-s0" in unpacked.output
