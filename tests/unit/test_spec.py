@@ -88,6 +88,18 @@ def test_bundled_quickstart_sweep_covers_the_issue():
     assert len({p["distillation.lambda"] for p in points if "distillation.lambda" in p}) >= 2
     assert {p["teacher"] for p in points if p["distillation.mode"] != "none"} == {"convnet", "vit"}
 
+    # Packed: the 8 distilled trials train as two packs, one per teacher (`none` joins its reference teacher's).
+    from deitlab.orchestration.packs import plan_packs
+    from deitlab.orchestration.sweep import planned_trials
+
+    sweep = load_sweep(path)
+    specs = planned_trials(sweep)
+    units = plan_packs(specs, sweep.pack)
+    assert len(units) == 2 and sorted(m for ms in units.values() for m in ms) == sorted(specs)
+    distilled_by = sorted([specs[m].teacher.name for m in ms if specs[m].distillation.mode != "none"]
+                          for ms in units.values())
+    assert distilled_by == [["convnet"] * 4, ["vit"] * 4]
+
 
 BAD = {
     "unknown model": ("student: {arch: deit_nonexistent_patch16_224}\ndistillation: {mode: none}\n",
