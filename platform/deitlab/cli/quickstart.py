@@ -23,7 +23,8 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
                set_: SetOption = None, ray_address: RayAddress = None) -> None:
     """Train two teachers on digits, run a 9-trial distillation sweep as two packs (one Ray Train run per teacher,
     `none` with the convnet's), print the report. About 6 minutes on 2 busy cores (see the README)."""
-    from deitlab.orchestration.packs import plan_packs  # torch: imported when the command runs
+    # here, not at module level: these import torch, and the CLI imports without it
+    from deitlab.orchestration.packs import plan_packs
     from deitlab.orchestration.sweep import planned_trials
     from deitlab.report.model import build_report
     from deitlab.report.tables import render
