@@ -165,12 +165,13 @@ def _never_wait_on_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def _node_monitor(unit: TrainUnit, rank: int, local_rank: int, nodes: list[str]):
+def _node_monitor(unit: TrainUnit, rank: int, nodes: list[str]):
     """One system-metrics sampler per node and unit, its samples logged to every member's run: the members share
     the machine. Each node's first rank samples its node; where the run spans several nodes the names carry the node
-    (system/<node>/…, the short ids of deitlab.worker_nodes), else they stay system/…."""
+    (system/<node>/…, the short ids of deitlab.worker_nodes), else they stay system/…. `nodes`: every rank's Ray
+    node (Ray Train's local rank groups workers by IP, and two Ray nodes may share one)."""
     run_ids = [m.run_id for m in unit.members if m.run_id]
-    if local_rank != 0 or not run_ids:
+    if rank >= len(nodes) or nodes.index(nodes[rank]) != rank or not run_ids:
         return None
     _never_wait_on_mlflow()
     return unit.tracking.system_metrics(run_ids, node_id=nodes[rank] if len(set(nodes)) > 1 else None)
@@ -248,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                engine.epoch)
             student.on_step = metrics_log.log
             runs[student.name] = _RunLog(member.run_id, metrics_log, logged)
-        monitor = _node_monitor(unit, rank, ctx.get_local_rank(), nodes)
+        monitor = _node_monitor(unit, rank, nodes)
         if runs and resumed_from:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", unit.name, resumed_from, engine.epoch)
         _train_epochs(unit, engine, rank, world_size, runs)
