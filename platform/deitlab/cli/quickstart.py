@@ -43,8 +43,9 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
     train_teachers_live(teachers, found)
     units = plan_packs(planned_trials(sweep), sweep.pack)
     packing = f", trained as {len(units)} Ray Train runs: {', '.join(units)}" if sweep.pack > 1 else ""
-    err.print(f"[bold]2/3[/] sweep '{sweep.name}': {sum(map(len, units.values()))} trials, none/soft/hard × τ × λ ×"
-              f" teacher{packing}", highlight=False)
+    trials = sum(map(len, units.values()))
+    err.print(f"[bold]2/3[/] sweep '{sweep.name}': {trials} trials, none/soft/hard × τ × λ × teacher{packing}",
+              highlight=False)
     run_sweep_live(sweep)
     err.print("[bold]3/3[/] report")
     render(build_report(Tracking.for_run(sweep.experiment.run), sweep.name), out)

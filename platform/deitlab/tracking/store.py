@@ -528,7 +528,8 @@ class Tracking:
             monitor = FlushingMonitor(run_ids[0], sampling_interval=interval_s, node_id=node_id,
                                       tracking_uri=self.tracking_uri)
             # its own client, as MLflow's logger has: the sampling thread shares nothing with the metric logger's
-            monitor.mlflow_logger = FanOut(monitor.mlflow_logger.client, {r: monitor._get_next_logging_step(r) for r in run_ids})
+            steps = {r: monitor._get_next_logging_step(r) for r in run_ids}
+            monitor.mlflow_logger = FanOut(monitor.mlflow_logger.client, steps)
             monitor.start()
             return monitor
         except Exception as err:
