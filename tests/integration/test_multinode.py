@@ -112,6 +112,10 @@ def test_two_workers_spread_over_two_nodes_with_checkpoints_in_s3(two_node_clust
     assert run.info.status == "FINISHED" and run.data.params["run.placement"] == "strict_spread"
     nodes = run.data.tags["deitlab.worker_nodes"].split(",")
     assert len(nodes) == 2 and nodes[0] != nodes[1]  # one worker per node
+    # Each node's first rank samples its own node, under its node id (the run spans two).
+    sampled = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")
+               and k.endswith("/cpu_utilization_percentage")}
+    assert sampled == set(nodes), result.stderr[-6000:]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [1, 2]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="deitlab-nodes", Prefix="runs/spread-")["Contents"]]
     assert sum(k.endswith("/manifest.json") for k in keys) == 2 and sum(k.endswith("/state.pt") for k in keys) == 2

@@ -109,3 +109,78 @@ def test_a_pack_trains_its_members_as_if_alone_and_stops_them_one_by_one(ray_ses
     live = list(experiment_engine(spec, str(teacher), device=pick_device(spec.run)).run(len(held)))  # no cache
     logged = [m.value for m in sorted(client.get_metric_history(cached.info.run_id, "train_loss"), key=lambda m: m.step)]
     assert all(math.isclose(a, m["train_loss"], rel_tol=1e-5, abs_tol=1e-6) for a, m in zip(logged, live))
+
+
+def test_the_live_table_shows_members_and_one_sampler_feeds_every_members_system_metrics(ray_session, tmp_path):
+    import io
+
+    from deitlab.orchestration.progress import TrialTable
+    from deitlab.orchestration.sweep import run_sweep
+    from deitlab.orchestration.train import MEMBERS_KEY
+    from ray.tune import Callback
+    from rich.console import Console
+
+    torch.manual_seed(0)
+    teacher = save_model(tmp_path / "teacher.pt", timm.create_model("test_resnet", num_classes=10, in_chans=1),
+                         arch="test_resnet", model_kwargs={}, num_classes=10, in_chans=1)
+    workdir = tmp_path / "work"
+    raw = {"name": "sw-table", "pack": 8, "teachers": {"convnet": {"checkpoint": str(teacher)}},
+           "grid": [{"distillation.mode": ["none"], "teacher": ["convnet"]},
+                    {"distillation.mode": ["hard"], "teacher": ["convnet"], "optim.lr": [1e-7, 1e9]}],
+           "early_stopping": {"grace_period": 1, "reduction_factor": 2},
+           "experiment": {"name": "table", "student": TINY_STUDENT, "distillation": {"mode": "none"},
+                          "data": {"augment": {"rotate": 0, "translate": 0, "scale": [1, 1]}},
+                          "optim": {"epochs": 3, "warmup_epochs": 0}, "run": {"workdir": str(workdir)}}}
+    sweep = load_sweep(write_yaml(tmp_path / "sweep.yaml", json.dumps(raw)))
+    specs = planned_trials(sweep)
+    names = sorted(specs)
+    hopeless, diverging, reference = "hard-convnet-lr1e-07-s0", "hard-convnet-lr1e+09-s0", "none-s0"
+    assert sorted([hopeless, diverging, reference]) == names
+
+    seen: list[tuple[dict, dict[str, str]]] = []  # each pack result, and the rows' states right after it
+
+    class Watch(Callback):  # runs after the table (callbacks are called in order)
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            seen.append((result, {n: r.state for n, r in table.rows.items()}))
+
+    log = io.StringIO()
+    table = TrialTable(Console(file=log, width=200), "sweep sw-table", {n: s.optim.epochs for n, s in specs.items()})
+    with table:
+        outcome = run_sweep(sweep, callbacks=[table, Watch()])
+    assert outcome.failed == [diverging]
+
+    # Rows are the members; the pack Tune ran has none. States: as MLflow closed each run.
+    recorded = Console(file=io.StringIO(), width=200, record=True)
+    recorded.print(table.render())
+    rendered = recorded.export_text()
+    assert "pack-" not in rendered and sorted(table.rows) == names
+    lines = {n: next(ln for ln in rendered.splitlines() if f" {n} " in ln) for n in names}
+    assert "finished" in lines[reference] and "3/3" in lines[reference]
+    assert "stopped" in lines[hopeless] and "1/3" in lines[hopeless]
+    assert "failed" in lines[diverging]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sw-table").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment], "tags.`deitlab.kind` = 'trial'")}
+    status = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed"}
+    assert {n: table.rows[n].state for n in names} == {n: status[runs[n].info.status] for n in names}
+    assert math.isclose(table.rows[reference].best, max(m.value for m in client.get_metric_history(
+        runs[reference].info.run_id, "acc")), rel_tol=1e-9)
+    # The end-of-trial lines name members.
+    ended = [ln for ln in log.getvalue().splitlines() if ln.strip().startswith(("✓", "■", "✗"))]
+    assert sorted(ln.split()[1] for ln in ended) == names
+
+    # While the pack trained on, its stopped member already showed as stopped.
+    after_stop = [states for result, states in seen if states.get(hopeless) == "stopped"]
+    assert after_stop and after_stop[0][reference] == "running"
+    # Tune still sees the pack's best member value this epoch (what it ranks checkpoints by).
+    for result, _ in seen:
+        if MEMBERS_KEY in result and "acc" in result:
+            this_epoch = [m["acc"] for m in result[MEMBERS_KEY].values() if m["epoch"] == result["epoch"]
+                          and m["state"] != "failed"]
+            assert result["acc"] == max(this_epoch)
+
+    # System metrics: one sampler for the node, its samples in every member's run — the same timestamps and values.
+    histories = {n: sorted((m.timestamp, m.value) for m in client.get_metric_history(
+        runs[n].info.run_id, "system/cpu_utilization_percentage")) for n in names}
+    assert histories[reference], "no system metrics recorded"
+    assert all(h == histories[reference] for h in histories.values()), histories

@@ -88,6 +88,18 @@ def test_bundled_quickstart_sweep_covers_the_issue():
     assert len({p["distillation.lambda"] for p in points if "distillation.lambda" in p}) >= 2
     assert {p["teacher"] for p in points if p["distillation.mode"] != "none"} == {"convnet", "vit"}
 
+    # Packed: the 8 distilled trials train as two packs, one per teacher (`none` joins its reference teacher's).
+    from deitlab.orchestration.packs import plan_packs
+    from deitlab.orchestration.sweep import planned_trials
+
+    sweep = load_sweep(path)
+    specs = planned_trials(sweep)
+    units = plan_packs(specs, sweep.pack)
+    assert len(units) == 2 and sorted(m for ms in units.values() for m in ms) == sorted(specs)
+    distilled_by = sorted([specs[m].teacher.name for m in ms if specs[m].distillation.mode != "none"]
+                          for ms in units.values())
+    assert distilled_by == [["convnet"] * 4, ["vit"] * 4]
+
 
 BAD = {
     "unknown model": ("student: {arch: deit_nonexistent_patch16_224}\ndistillation: {mode: none}\n",
@@ -184,3 +196,24 @@ def test_local_paths_become_absolute_where_the_spec_is_loaded(tmp_path, monkeypa
     assert validate(RunSpec, {"storage": s3}).storage == s3
     teacher = validate(TeacherSpec, {"checkpoint": "t.pt"})
     assert teacher.checkpoint == str(tmp_path / "t.pt")
+
+
+def test_sweep_plan_shows_each_trials_pack_and_full_names_on_a_narrow_terminal(tmp_path, monkeypatch):
+    from deitlab.cli.app import out
+    from deitlab.orchestration.packs import plan_packs
+    from deitlab.orchestration.sweep import planned_trials
+
+    monkeypatch.setattr(out, "width", 70)  # narrower than the table wants: other columns give way
+    path = write_yaml(tmp_path / "s.yaml", SWEEP + "pack: 4\n")
+    result = CliRunner().invoke(app, ["sweep", "plan", str(path)])
+    assert result.exit_code == 0, result.output
+    units = plan_packs(planned_trials(load_sweep(path)), 4)
+    lines = result.output.splitlines()
+    for unit, members in units.items():
+        for member in members:
+            [line] = [ln for ln in lines if f" {member} " in ln]  # the whole name, on one line
+            assert (unit if len(members) > 1 else "—") in line, line
+    assert "pack-" in result.output
+
+    unpacked = CliRunner().invoke(app, ["sweep", "plan", str(write_yaml(tmp_path / "u.yaml", SWEEP))])
+    assert "pack-" not in unpacked.output and "none-s0" in unpacked.output

@@ -49,18 +49,26 @@ def check(spec: Path, kind: Annotated[str, typer.Option(help="experiment | sweep
 
 
 def print_plan(sweep) -> None:
+    """The plan's trials, their pack and the values each sets. Names are never cut: a narrow terminal folds them."""
     from rich.table import Table
 
-    from deitlab.orchestration.sweep import trial_name
+    from deitlab.orchestration.packs import plan_packs
+    from deitlab.orchestration.sweep import planned_trials, trial_name
 
     points = sweep.trial_overrides()
+    names = [trial_name(p) for p in points]
+    pack_of: dict[str, str] = {}
+    if sweep.pack > 1:  # a trial alone in its group trains as it would unpacked: "—"
+        units = plan_packs(planned_trials(sweep), sweep.pack)
+        pack_of = {m: unit for unit, members in units.items() if len(members) > 1 for m in members}
     table = Table(title=f"sweep '{sweep.name}': {len(points)} trials", title_justify="left")
-    table.add_column("trial")
+    table.add_column("trial", no_wrap=True, overflow="fold", min_width=max(map(len, names), default=5))
+    table.add_column("pack", no_wrap=True, overflow="fold", min_width=max(map(len, pack_of.values()), default=4))
     keys = sorted({k for p in points for k in p})
     for key in keys:
         table.add_column(key)
-    for p in points:
-        table.add_row(trial_name(p), *("—" if k not in p else str(p[k]) for k in keys))
+    for name, p in zip(names, points):
+        table.add_row(name, pack_of.get(name, "—"), *("—" if k not in p else str(p[k]) for k in keys))
     out.print(table)
 
 

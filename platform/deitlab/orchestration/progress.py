@@ -1,6 +1,8 @@
 """Live progress of Tune runs on the driver: a table of trials (state, epoch, metric, best), one line per ended trial,
-and a closing summary with the best trial. On a terminal the table redraws in place; in logs (Ray Job logs, CI)
-the lines appear as trials end and the table is printed once at the end.
+and a closing summary with the best trial. In a packed sweep the rows are the member trials, not the packs Tune runs:
+a pack reports each member's epoch, value and state (train.MEMBERS_KEY), so a member stopped by ASHA's rule or
+diverged shows as stopped or failed while the rest of its pack trains. On a terminal the table redraws in place; in
+logs (Ray Job logs, CI) the lines appear as trials end and the table is printed once at the end.
 """
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from deitlab.orchestration.train import MEMBERS_KEY
+
 MAX_ROWS = 30  # beyond this the table shows running trials, the latest ended ones and a count of the rest
 STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "failed": "red", "interrupted": "magenta",
          "pending": "dim"}
+
+ENDED = ("finished", "stopped", "failed")
 
 _ACTIVE: list[TrialTable] = []  # the display shown now; a callback restored by Tune re-attaches to it
 
@@ -36,6 +42,7 @@ class TrialTable(Callback):
         # epochs: each trial's planned epochs (trials of one sweep may differ), keyed by trial name, in table order
         self.console, self.title, self.epochs, self.metric, self.mode = console, title, epochs, metric, mode
         self.rows = {n: Row() for n in epochs}
+        self.units: dict[str, list[str]] = {}  # packs → members (on_packs); a trial alone is its own row
         for name, (state, epoch, value) in (states or {}).items():
             self.rows[name] = Row(state, epoch, value, value)
         self.started = time.monotonic()
@@ -68,39 +75,68 @@ class TrialTable(Callback):
             self.console.line()
         return result
 
-    # ------------------------------------------------------------------------------------------- Tune events
-    def _row(self, trial) -> Row:
-        return self.rows.setdefault(trial.config.get("trial", trial.trial_id), Row())
-
-    def on_trial_start(self, iteration, trials, trial, **info):
+    # ------------------------------------------------------------------------------------------- packs
+    def on_packs(self, units: dict[str, list[str]]) -> None:
+        """The sweep's Tune trials → their member trials (orchestration/packs.py): a pack's events fill its members'
+        rows; the pack itself has no row."""
         if (table := self._target()) is not None:
-            table._row(trial).state = "running"
+            table.units = {unit: members for unit, members in units.items() if members != [unit]}
+
+    def _members(self, trial) -> list[str]:
+        name = trial.config.get("trial", trial.trial_id)
+        return self.units.get(name, [name])
+
+    # ------------------------------------------------------------------------------------------- Tune events
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if (table := self._target()) is None:
+            return
+        for name in table._members(trial):
+            row = table.rows.setdefault(name, Row())
+            if row.state not in ENDED:  # a resumed pack's members that ended before stay ended
+                row.state = "running"
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if (table := self._target()) is None:
             return
-        row = table._row(trial)
-        row.state, row.epoch = "running", result.get("epoch", row.epoch)
-        value = result.get(table.metric)
-        if isinstance(value, (int, float)):
-            row.value = value
-            better = max if table.mode == "max" else min
-            row.best = value if row.best is None else better(row.best, value)
+        members = result.get(MEMBERS_KEY)
+        if not isinstance(members, dict):  # a trial alone: its own values
+            members = {trial.config.get("trial", trial.trial_id): {**result, "state": "running"}}
+        for name, values in members.items():
+            row = table.rows.setdefault(name, Row())
+            if row.state in ENDED:
+                continue
+            row.epoch = values.get("epoch", row.epoch)
+            value = values.get(table.metric)
+            if isinstance(value, (int, float)):
+                row.value = value
+                better = max if table.mode == "max" else min
+                row.best = value if row.best is None else better(row.best, value)
+            if values.get("state") in ("stopped", "failed"):  # stopped by ASHA's rule, diverged: the pack goes on
+                table._end(name, values["state"], trial)
+            else:
+                row.state = "running"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if (table := self._target()) is not None:
-            row = table._row(trial)
-            planned = table.epochs.get(trial.config.get("trial", trial.trial_id))
+        if (table := self._target()) is None:
+            return
+        for name in table._members(trial):
+            row = table.rows.setdefault(name, Row())
+            if row.state in ENDED:
+                continue
+            planned = table.epochs.get(name)
             stopped = row.epoch is not None and planned is not None and row.epoch < planned
-            table._ended(trial, "stopped" if stopped else "finished")
+            table._end(name, "stopped" if stopped else "finished", trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if (table := self._target()) is not None:
-            table._ended(trial, "failed")
+        if (table := self._target()) is None:
+            return
+        for name in table._members(trial):
+            if table.rows.setdefault(name, Row()).state not in ENDED:
+                table._end(name, "failed", trial)
 
-    def _ended(self, trial, state: str) -> None:
-        name = trial.config.get("trial", trial.trial_id)
-        row = self._row(trial)
+    def _end(self, name: str, state: str, trial) -> None:
+        """A member trial (or a trial alone) ended: its row, and one line that names it."""
+        row = self.rows.setdefault(name, Row())
         row.state, row.ended = state, time.monotonic()
         mark = {"finished": "[green]✓[/]", "stopped": "[yellow]■[/]", "failed": "[red]✗[/]"}[state]
         detail = f"{self.metric} {self._fmt(row.value)}" if row.value is not None else ""

@@ -198,6 +198,9 @@ def _execute(sweep: SweepSpec, specs: dict[str, ExperimentSpec], tracking: Track
     else:
         scheduler = _asha(sweep, specs)
         trial_callbacks.insert(0, stop_recorder(tracking, parent_id, specs, sweep.metric))
+    for callback in trial_callbacks:  # the live table (progress.py) shows a pack's members, not the pack
+        if hasattr(callback, "on_packs"):
+            callback.on_packs(units)
     trial_fn = tune.with_parameters(sweep_trial, sweep_name=sweep.name, specs=specs, units=units, tracking=tracking,
                                     parent_id=parent_id, teachers=teachers, metric=sweep.metric, rungs=rungs,
                                     packed=packed)

@@ -5,7 +5,7 @@ of trials that share every batch and teacher forward — a single run is a pack 
 trainer builder and one driver (`run_unit`) that records each member and ends its MLflow run FINISHED, KILLED or
 FAILED with its reason. Each worker builds its Engine (DDP across workers), resumes from the newest checkpoint in
 storage, and per epoch reports metrics with a checkpoint (Ray only keeps metrics that come with a checkpoint). Rank 0
-alone writes to MLflow.
+alone writes the runs' metrics to MLflow; each node's first rank adds that node's system metrics.
 """
 from __future__ import annotations
 
@@ -155,20 +155,39 @@ def _worker_nodes(world_size: int) -> list[str]:
 
 @dataclass
 class _RunLog:
-    """Rank 0's record of one member's MLflow run: its metric logger, the epochs MLflow holds, system metrics."""
+    """Rank 0's record of one member's MLflow run: its metric logger and the epochs MLflow holds."""
 
     run_id: str
     metrics: MetricLogger
     logged: set[int]
-    monitor: Any = None
 
-    def close(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.monitor.finish()
-            except Exception as err:  # the run trained: a lost last sample is only a warning
-                log.warning("the last system metrics were not recorded (%s)", one_line(err, 200))
-        self.metrics.close()
+
+def _never_wait_on_mlflow() -> None:
+    # A worker never waits on MLflow: a call to an unreachable server gives up after ~10 s (MLflow's default is
+    # several minutes of retries) and the metric logger keeps the values until the server is back.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _node_monitor(unit: TrainUnit, rank: int, nodes: list[str]):
+    """One system-metrics sampler per node and unit, its samples logged to every member's run: the members share
+    the machine. Each node's first rank samples its node; where the run spans several nodes the names carry the node
+    (system/<node>/…, the short ids of deitlab.worker_nodes), else they stay system/…. `nodes`: every rank's Ray
+    node (Ray Train's local rank groups workers by IP, and two Ray nodes may share one)."""
+    run_ids = [m.run_id for m in unit.members if m.run_id]
+    if rank >= len(nodes) or nodes.index(nodes[rank]) != rank or not run_ids:
+        return None
+    _never_wait_on_mlflow()
+    return unit.tracking.system_metrics(run_ids, node_id=nodes[rank] if len(set(nodes)) > 1 else None)
+
+
+def _finish_monitor(monitor) -> None:
+    if monitor is None:
+        return
+    try:
+        monitor.finish()
+    except Exception as err:  # the run trained: a lost last sample is only a warning
+        log.warning("the last system metrics were not recorded (%s)", one_line(err, 200))
 
 
 def open_run_log(tracking: Tracking, run_id: str, history: list[dict[str, float]], nodes: list[str],
@@ -180,10 +199,7 @@ def open_run_log(tracking: Tracking, run_id: str, history: list[dict[str, float]
     checkpoint's `history` has but MLflow lacks (a failure between checkpoint and logging) are filled in. When MLflow
     cannot be asked, nothing is refilled here: the driver fills gaps at the end.
     """
-    # Rank 0 never waits on MLflow: a call to an unreachable server gives up after ~10 s (MLflow's default is several
-    # minutes of retries) and the metric logger keeps the values until the server is back.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    _never_wait_on_mlflow()
     metrics_log = tracking.metric_logger(run_id)
     tracking.try_set_tags(run_id, {WORKER_NODES_TAG: ",".join(nodes)})
     try:
@@ -228,6 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = _restore(engine, Storage.open(run.resolved_storage, create=False), unit.name, device)
     nodes = _worker_nodes(world_size)
     runs: dict[str, _RunLog] = {}
+    monitor = None
     try:
         for student, member in zip(engine.students, unit.members):
             if rank != 0 or member.run_id is None:
@@ -235,14 +252,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics_log, logged = open_run_log(unit.tracking, member.run_id, student.history, nodes, resumed_from,
                                                engine.epoch)
             student.on_step = metrics_log.log
-            runs[student.name] = _RunLog(member.run_id, metrics_log, logged,
-                                         unit.tracking.system_metrics(member.run_id))
+            runs[student.name] = _RunLog(member.run_id, metrics_log, logged)
+        monitor = _node_monitor(unit, rank, nodes)
         if runs and resumed_from:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", unit.name, resumed_from, engine.epoch)
         _train_epochs(unit, engine, rank, world_size, runs)
     finally:
+        _finish_monitor(monitor)
         for record in runs.values():
-            record.close()
+            record.metrics.close()
 
 
 def _asha_stops(unit: TrainUnit, engine, results: dict[str, dict[str, float]], rank: int,
@@ -287,8 +305,13 @@ def _write_unit_checkpoint(unit: TrainUnit, engine, results: dict[str, dict[str,
     return ray.train.Checkpoint.from_directory(tmp)
 
 
+MEMBERS_KEY = "by_member"  # a pack's report: each member's epoch, metric and state, for the live table
+
+
 def _reported(unit: TrainUnit, engine, results: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """What Tune (its ASHA, the progress table) sees: a single run's metrics; a pack's best member value."""
+    """What Tune (its ASHA, the progress table) sees: a single run's metrics; a pack's best member value (what Tune
+    ranks its checkpoints by) and, under MEMBERS_KEY, every member's last epoch, value of the metric and state
+    (running; stopped: by ASHA's rule; failed: diverged)."""
     if not unit.packed:
         return results[unit.members[0].name]
     run = unit.first.run
@@ -296,6 +319,14 @@ def _reported(unit: TrainUnit, engine, results: dict[str, dict[str, float]]) -> 
     report: dict[str, Any] = {"epoch": engine.epoch, "members": len(engine.active())}
     if values:
         report[unit.metric] = max(values) if run.checkpoint_order == "max" else min(values)
+    by_member = {}
+    for student in engine.students:
+        last = student.history[-1] if student.history else {}
+        state = "running" if not student.stopped else \
+            "failed" if student.stopped.startswith(DIVERGED_REASON) else "stopped"
+        by_member[student.name] = {"epoch": int(last["epoch"]) if last else None,
+                                   unit.metric: last.get(unit.metric), "state": state}
+    report[MEMBERS_KEY] = by_member
     return report
 
 

@@ -481,16 +481,41 @@ class Tracking:
         parent = self.sweep_parent(sweep)
         return parent, self.child_runs(parent.id)
 
-    def system_metrics(self, run_id: str, interval_s: float = 5.0):
-        """MLflow's system-metrics monitor for the run (CPU, memory, disk, network; GPU with nvidia-ml-py), started;
-        `finish()` records a last sample. None where psutil is missing or the monitor cannot start."""
+    def system_metrics(self, run_ids: list[str], interval_s: float = 5.0, node_id: str | None = None):
+        """One MLflow system-metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) for this machine,
+        started, whose every sample goes to each of `run_ids` (a pack's members share the machine: sampling it once
+        per member would only repeat the same numbers). `node_id` prefixes the names (system/NODE/…) where a run spans
+        several nodes. `finish()` records a last sample. None where psutil is missing or the monitor cannot start."""
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            class FanOut:
+                """The monitor's logger for several runs: a sample is stamped once and logged to every run, at that
+                run's own next step (a resumed run continues its steps). Sent at every sample: one log_batch per run
+                per interval."""
+
+                def __init__(self, client, steps: dict[str, int]):
+                    self.client, self.steps, self.data = client, steps, []
+                    self.total_training_time = self.total_log_batch_time = 0.0  # MLflow's monitor reads them
+
+                def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+                    now = int(time.time() * 1000)
+                    for run_id, next_step in self.steps.items():
+                        self.data += [(run_id, _metric(k, v, now, next_step)) for k, v in metrics.items()]
+                        self.steps[run_id] = next_step + 1
+                    self.flush()
+
+                def flush(self) -> None:
+                    data, self.data = self.data, []
+                    for run_id in self.steps:
+                        batch = [m for r, m in data if r == run_id]
+                        for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch
+                            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
             class FlushingMonitor(SystemMetricsMonitor):
                 """MLflow's monitor drops the samples of its last, unfinished interval, so a run shorter than one
                 interval would record no system metrics at all: at the end, one more sample is taken and what was
-                collected since the last publication is logged."""
+                collected since the last publication is logged. Its loop follows the first run's status."""
 
                 def finish(self):
                     running = self._process is not None
@@ -500,8 +525,11 @@ class Tracking:
                         self.publish_metrics(self.aggregate_metrics())
                         self.mlflow_logger.flush()
 
-            monitor = FlushingMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+            monitor = FlushingMonitor(run_ids[0], sampling_interval=interval_s, node_id=node_id,
                                       tracking_uri=self.tracking_uri)
+            # its own client, as MLflow's logger has: the sampling thread shares nothing with the metric logger's
+            steps = {r: monitor._get_next_logging_step(r) for r in run_ids}
+            monitor.mlflow_logger = FanOut(monitor.mlflow_logger.client, steps)
             monitor.start()
             return monitor
         except Exception as err:
