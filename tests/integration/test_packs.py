@@ -93,6 +93,11 @@ def test_a_pack_trains_its_members_as_if_alone_and_stops_them_one_by_one(ray_ses
     again["experiment"] = {**raw["experiment"], "optim": {"epochs": len(held), "warmup_epochs": 0}}
     again.pop("early_stopping")
     path = write_yaml(tmp_path / "again.yaml", json.dumps(again))
+    planned = CliRunner().invoke(app, ["sweep", "plan", str(path)])  # says so before anything runs
+    assert planned.exit_code == 0, planned.output
+    assert f"{key[:8]} {len(held)}/{len(held)}" in planned.output
+    assert f"{key[:8]}: {len(held)}/{len(held)} epochs held\n" in planned.output
+    assert "this sweep writes about 0 B of teacher logits" in planned.output
     result = CliRunner().invoke(app, ["sweep", "run", str(path)])
     assert result.exit_code == 0, result.output
     second = client.get_experiment_by_name("sw-pack-again").experiment_id

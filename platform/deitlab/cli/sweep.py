@@ -38,9 +38,10 @@ from deitlab.tracking.store import Tracking
 
 @sweep_app.command("plan")
 @handled
-def sweep_plan(sweep: Path, set_: SetOption = None) -> None:
-    """Show the trials a sweep would run (after collapsing meaningless combinations)."""
-    print_plan(load_sweep(sweep, parse_set(set_)))
+def sweep_plan(sweep: Path, set_: SetOption = None, workdir: WorkdirOption = None) -> None:
+    """Show the trials a sweep would run (after collapsing meaningless combinations), their packs and what the
+    teacher-logit cache holds for them."""
+    print_plan(load_sweep(sweep, {**parse_set(set_), **workdir_overrides(workdir, "experiment.run.")}))
 
 
 @sweep_app.command("run")

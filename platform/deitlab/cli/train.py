@@ -49,27 +49,44 @@ def check(spec: Path, kind: Annotated[str, typer.Option(help="experiment | sweep
 
 
 def print_plan(sweep) -> None:
-    """The plan's trials, their pack and the values each sets. Names are never cut: a narrow terminal folds them."""
+    """The plan's trials, their pack, what the teacher-logit cache holds for them, and the values each sets; then each
+    cache key's state and what the sweep will write. Names are never cut: a narrow terminal folds them."""
     from rich.table import Table
 
+    from deitlab.orchestration.cache_plan import cache_cell, human_bytes, plan_cache
     from deitlab.orchestration.packs import plan_packs
     from deitlab.orchestration.sweep import planned_trials, trial_name
 
     points = sweep.trial_overrides()
     names = [trial_name(p) for p in points]
-    pack_of: dict[str, str] = {}
-    if sweep.pack > 1:  # a trial alone in its group trains as it would unpacked: "—"
-        units = plan_packs(planned_trials(sweep), sweep.pack)
-        pack_of = {m: unit for unit, members in units.items() if len(members) > 1 for m in members}
+    specs = planned_trials(sweep)
+    units = plan_packs(specs, sweep.pack) if sweep.pack > 1 else {name: [name] for name in specs}
+    unit_of = {m: unit for unit, members in units.items() for m in members}
+    # a trial alone in its group trains as it would unpacked: "—"
+    pack_of = {m: unit for unit, members in units.items() if len(members) > 1 for m in members}
+    with err.status("reading the teacher cache…"):
+        caches = plan_cache(specs, units)
     table = Table(title=f"sweep '{sweep.name}': {len(points)} trials", title_justify="left")
     table.add_column("trial", no_wrap=True, overflow="fold", min_width=max(map(len, names), default=5))
     table.add_column("pack", no_wrap=True, overflow="fold", min_width=max(map(len, pack_of.values()), default=4))
+    table.add_column("teacher cache", no_wrap=True)
     keys = sorted({k for p in points for k in p})
     for key in keys:
         table.add_column(key)
     for name, p in zip(names, points):
-        table.add_row(name, pack_of.get(name, "—"), *("—" if k not in p else str(p[k]) for k in keys))
+        cache = caches.get(unit_of.get(name, name))
+        cell = "—" if cache is None else "?" if cache.note else f"{cache.key[:8]} {len(cache.held)}/{cache.epochs}"
+        table.add_row(name, pack_of.get(name, "—"), cell, *("—" if k not in p else str(p[k]) for k in keys))
     out.print(table)
+    if caches:
+        where = sweep.experiment.run.cache_storage
+        out.print(f"teacher cache at {where} (epochs held / trained; a key is shared by every trial with the same"
+                  " teacher, data and batches):", highlight=False)
+        for unit, cache in caches.items():
+            out.print(f"  {unit}: {cache_cell(cache)}", highlight=False)
+        total = sum(c.write_bytes for c in caches.values())
+        unknown = " (and what the teachers not loaded write)" if any(c.note for c in caches.values()) else ""
+        out.print(f"this sweep writes about {human_bytes(total)} of teacher logits{unknown}", highlight=False)
 
 
 @app.command()

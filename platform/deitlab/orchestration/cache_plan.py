@@ -52,7 +52,7 @@ def plan_cache(specs: dict, units: dict[str, list[str]]) -> dict[str, UnitCache]
                 model, _ = build_teacher(spec.teacher, path, bundle)
                 loaded[ident] = (weights_sha256(model), bundle)
             except SpecError as err:
-                loaded[ident] = f"teacher {spec.teacher.label} not loaded ({one_line(err, 120)})"
+                loaded[ident] = f"teacher {spec.teacher.label} not loaded: {one_line(err, 240)}"
         if isinstance(loaded[ident], str):
             plans[unit] = UnitCache(note=loaded[ident])
             continue
