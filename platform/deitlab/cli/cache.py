@@ -10,6 +10,7 @@ import typer
 
 from deitlab.cli.app import err, handled, out, teacher_app
 from deitlab.errors import SpecError
+from deitlab.units import human_bytes
 
 cache_app = typer.Typer(help="The teacher-logit cache: what it holds, and removing keys.", no_args_is_help=True)
 teacher_app.add_typer(cache_app, name="cache")
@@ -39,7 +40,6 @@ def cache_list(storage: StorageOption = None, workdir: CacheWorkdir = Path("deit
     from rich.table import Table
 
     from deitlab.core.teacher_cache import list_caches
-    from deitlab.orchestration.cache_plan import human_bytes
 
     store = _storage(storage, workdir)
     entries = list_caches(store)
@@ -76,7 +76,6 @@ def cache_rm(key: Annotated[Optional[str], typer.Argument(help="the key to remov
              storage: StorageOption = None, workdir: CacheWorkdir = Path("deitlab-work")) -> None:
     """Remove one key, or every key not used for --older-than DAYS. Runs then compute those logits again."""
     from deitlab.core.teacher_cache import list_caches, remove_cache
-    from deitlab.orchestration.cache_plan import human_bytes
 
     if (key is None) == (older_than is None):
         raise SpecError("give a KEY or --older-than DAYS (one of them)")

@@ -8,17 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from deitlab.cli.app import data_app, err, handled, out
+from deitlab.units import human_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 @data_app.command("pack")
 @handled
 def data_pack(src: Annotated[Path, typer.Argument(help="image folder: train/ and val/, one sub-folder per class")],
@@ -42,7 +35,7 @@ def data_pack(src: Annotated[Path, typer.Argument(help="image folder: train/ and
                                   overwrite=overwrite, progress=lambda stage, done, total: bar.update(
                                       task, description=stage, completed=done, total=total))
     for split, written in result["splits"].items():
-        out.print(f"{split}: {written['rows']} images in {written['shards']} shard(s), {_bytes(written['bytes'])}",
+        out.print(f"{split}: {written['rows']} images in {written['shards']} shard(s), {human_bytes(written['bytes'])}",
                   highlight=False)
     note = f", {result['reencoded']} re-encoded as JPEG" if result["reencoded"] else ""
     out.print(f"packed {result['classes']} classes into {dest}{note}; meta.json written last", highlight=False,

@@ -29,6 +29,7 @@ from deitlab.spec.base import validate
 from deitlab.spec.loading import load_experiment, load_sweep, load_teacher_training, parse_set
 from deitlab.spec.schema import RunSpec, TeacherSpec
 from deitlab.tracking.store import Tracking
+from deitlab.units import human_bytes
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -53,7 +54,7 @@ def print_plan(sweep) -> None:
     cache key's state and what the sweep will write. Names are never cut: a narrow terminal folds them."""
     from rich.table import Table
 
-    from deitlab.orchestration.cache_plan import cache_cell, human_bytes, plan_cache
+    from deitlab.orchestration.cache_plan import cache_cell, plan_cache
     from deitlab.orchestration.packs import plan_packs
     from deitlab.orchestration.sweep import planned_trials, trial_name
 

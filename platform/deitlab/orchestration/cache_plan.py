@@ -16,6 +16,7 @@ from deitlab.core.teacher_cache import (
 from deitlab.errors import SpecError, one_line
 from deitlab.orchestration.teachers import resolve_teacher_file
 from deitlab.tracking.store import Tracking
+from deitlab.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,3 @@ def cache_cell(plan: UnitCache | None) -> str:
     if plan.shared_with:
         return f"{plan.key[:8]}: {held}, the rest from {plan.shared_with}"
     return f"{plan.key[:8]}: {held}" + (f", writes ~{human_bytes(plan.write_bytes)}" if plan.write_bytes else "")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
