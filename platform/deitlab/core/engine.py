@@ -2,8 +2,9 @@
 
 `Engine` owns the loaders, batch pipeline, frozen teacher and one or more students (step.Student: model, optimiser,
 schedule) for one rank. With several students (a pack) every batch is augmented once and the teacher runs once for
-all of them. When torch.distributed is initialised with more than one rank (Ray Train, torchrun) each student is
-wrapped in DDP and evaluation counts are summed across ranks; nothing else changes.
+all of them — or not at all, when the teacher-logit cache (teacher_cache.py) holds its logits for the pass. When
+torch.distributed is initialised with more than one rank (Ray Train, torchrun) each student is wrapped in DDP and
+evaluation counts are summed across ranks; nothing else changes.
 """
 from __future__ import annotations
 
