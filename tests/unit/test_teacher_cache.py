@@ -186,3 +186,16 @@ def test_list_and_remove(teacher, tmp_path):
     assert entries[0].bytes == on_disk
     remove_cache(storage, entries[0].key)
     assert [e.key for e in list_caches(storage)] == [entries[3].key]
+
+
+def test_the_cache_lives_in_s3_as_well(teacher, s3_endpoint):
+    from conftest import s3_client
+
+    s3_client(s3_endpoint).create_bucket(Bucket="teacher-cache")
+    uri = f"s3://teacher-cache/shared?endpoint_override={s3_endpoint}&scheme=http"
+    spec = _spec(teacher, **{"optim.epochs": 2})
+    writer, written = _run(spec, teacher, uri, epochs=2)
+    reader, read = _run(spec, teacher, uri, epochs=2)
+    assert read == written and reader.teacher_stats.live == 0 and writer.teacher_stats.written > 0
+    (entry,) = list_caches(Storage.open(uri, create=False))
+    assert entry.epochs == [0, 1] and entry.val and entry.bytes > 0
