@@ -19,6 +19,9 @@ from deitlab.tracking.store import Tracking
 from deitlab.units import human_bytes
 
 
+BATCH_RECORD_BYTES = 290  # what torch.save adds per stored batch (its tensors' zip entries), measured on digits
+
+
 @dataclass(frozen=True)
 class UnitCache:
     """One Ray Train run's (a pack's, or a trial's) teacher logits: its key, the epochs the cache holds of those it
@@ -72,14 +75,15 @@ def plan_cache(specs: dict, units: dict[str, list[str]]) -> dict[str, UnitCache]
         held = [e for e in (entry.epochs if entry else []) if e < epochs]
         val_held = bool(entry and entry.val)
         per_row = bytes_per_row(key.facts["layout"], bundle.num_classes)
-        train_loader, _ = make_loaders(bundle, spec.data, rank=0, world_size=world, seed=spec.run.seed)
-        train_rows = len(train_loader) * spec.data.batch_size * world  # at most: a last batch may be smaller
+        train_loader, val_loader = make_loaders(bundle, spec.data, rank=0, world_size=world, seed=spec.run.seed)
+        # per epoch: the rows (at most: a last batch may be smaller) and torch.save's record of each batch's tensors
+        train_bytes = len(train_loader) * (spec.data.batch_size * per_row + BATCH_RECORD_BYTES) * world
         needs_train = any(specs[m].distillation.spec_mode.needs_teacher for m in members)
         write = 0
         if key.key not in writers:
             writers[key.key] = unit
-            write = ((epochs - len(held)) * train_rows if needs_train else 0) * per_row
-            write += 0 if val_held else bundle.sizes[1] * per_row
+            write = (epochs - len(held)) * train_bytes if needs_train else 0
+            write += 0 if val_held else bundle.sizes[1] * per_row + len(val_loader) * BATCH_RECORD_BYTES * world
         plans[unit] = UnitCache(key.key, epochs, held, val_held, write,
                                 None if writers[key.key] == unit else writers[key.key])
     return plans
