@@ -130,14 +130,13 @@ def test_stopped_run_resumes_from_s3_skipping_a_truncated_checkpoint(straight, r
     driver = subprocess.Popen([str(Path(sys.executable).parent / "deitlab"), "train", str(path), "--ray-address",
                                ray_session.get_runtime_context().gcs_address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while len(manifests()) < 2:
+    while len(manifests()) < 2:  # the run has more epochs than that: it cannot end before (or it failed: say why)
         assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoints reached S3"
         time.sleep(0.2)
     driver.kill()
     driver.wait()
-    while ray_processes("ray::RayTrainWorker"):  # Ray reaps the dead job's workers
+    deadline = time.monotonic() + 600  # only against a hang: Ray reaps a dead job's workers within seconds when idle
+    while ray_processes("ray::RayTrainWorker"):
         assert time.monotonic() < deadline, "the killed driver's Train workers are still running"
         time.sleep(0.2)
 
