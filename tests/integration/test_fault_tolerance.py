@@ -76,14 +76,14 @@ def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(st
     thread = threading.Thread(target=lambda: result.update(outcome=train_experiment(spec)), daemon=True)
     with caplog.at_level(logging.WARNING, logger="deitlab.train"):
         thread.start()
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("ft-kill-*/checkpoint_*/manifest.json")):
-            assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was written"
+        while not list(tmp_path.glob("ft-kill-*/checkpoint_*/manifest.json")):  # every epoch writes one
+            assert thread.is_alive(), "the run ended without a checkpoint"
             time.sleep(0.05)
         victims = ray_processes("ray::RayTrainWorker")
         assert len(victims) == 2
         os.kill(victims[0], signal.SIGKILL)
-        thread.join(timeout=300)
+        thread.join(timeout=1800)  # only against a hang
+    assert "outcome" in result, "the run did not end"
     outcome = result["outcome"]
 
     run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(outcome.run_id)
