@@ -396,11 +396,3 @@ def list_caches(storage: Storage) -> list[CacheEntry]:
 
 def remove_cache(storage: Storage, key: str) -> None:
     storage.filesystem.delete_dir(storage.path(CACHE_DIR, key))
-
-
-def cached_epochs(storage: Storage, key: str, world_size: int) -> tuple[list[int], int]:
-    """(training epochs held for every rank, bytes) of one key; ([], 0) when it holds nothing."""
-    for entry in list_caches(storage):
-        if entry.key == key and entry.foreign is None:
-            return entry.epochs, entry.bytes
-    return [], 0
