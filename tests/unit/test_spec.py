@@ -217,3 +217,22 @@ def test_sweep_plan_shows_each_trials_pack_and_full_names_on_a_narrow_terminal(t
 
     unpacked = CliRunner().invoke(app, ["sweep", "plan", str(write_yaml(tmp_path / "u.yaml", SWEEP))])
     assert "pack-" not in unpacked.output and "none-s0" in unpacked.output
+
+
+def test_params_leave_out_what_the_mode_does_not_use(tmp_path):
+    """MLflow searches and charts count what is logged: a hard run has no τ, a run without distillation no λ,
+    token or teacher (its agreement teacher is reference_teacher), a student without the token no fusion."""
+    base = load_experiment(write_yaml(tmp_path / "e.yaml", TEACHER))
+    soft = base.with_overrides({"distillation.mode": "soft", "distillation.tau": 4.0}).flat_params()
+    assert soft["distillation.tau"] == 4.0 and soft["distillation.lambda"] == 0.1
+    assert soft["teacher"] == "test_resnet" and soft["teacher.arch"] == "test_resnet"
+    assert soft["distillation.fusion"] == "logits" and soft["distillation.soft_normalization"] == "batchmean"
+    hard = base.with_overrides({"distillation.mode": "hard", "distillation.token": False}).flat_params()
+    assert "distillation.tau" not in hard and "distillation.soft_normalization" not in hard
+    assert "distillation.fusion" not in hard and "distillation.eval_head" not in hard
+    assert hard["distillation.lambda"] == 0.5 and hard["distillation.token"] is False
+    none = base.with_overrides({"distillation.mode": "none"}).flat_params()
+    assert not {"distillation.tau", "distillation.lambda", "distillation.token", "teacher"} & set(none)
+    assert not [k for k in none if k.startswith("teacher.")]
+    assert none["reference_teacher"] == "test_resnet" and none["reference_teacher.arch"] == "test_resnet"
+    assert none["student.timm_name"] == hard["student.timm_name"]  # no token: the same student

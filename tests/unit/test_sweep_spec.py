@@ -130,3 +130,13 @@ def test_each_sweep_family_gets_its_own_mlflow_experiment_unless_one_is_named(tm
     assert plain.experiment.run.experiment == "fam-a"
     assert named.experiment.run.experiment == "shared"
     assert {s.run.experiment for s in planned_trials(plain).values()} == {"fam-a"}
+
+
+def test_trial_names_read_switches_as_words_and_old_sweeps_keep_theirs(tmp_path):
+    sweep = _sweep(tmp_path, grid={"distillation.mode": ["none", "hard"], "teacher": ["convnet"],
+                                   "distillation.token": [True, False]}, seeds=[0])
+    assert sorted(planned_trials(sweep)) == ["hard-convnet-notoken-s0", "hard-convnet-token-s0",
+                                             "none-notoken-s0", "none-token-s0"]
+    # a sweep recorded before (its parent has no deitlab.trial_names tag) is resumed under the names it ran with
+    assert sorted(planned_trials(sweep, "1")) == ["hard-convnet-tokenFalse-s0", "hard-convnet-tokenTrue-s0",
+                                                  "none-tokenFalse-s0", "none-tokenTrue-s0"]

@@ -150,11 +150,11 @@ def sweep_status(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
     """The trials of a sweep and their states (from MLflow), its driver, and its Ray Jobs."""
     from rich.table import Table
 
-    from deitlab.orchestration.sweep import planned_trials, recorded_sweep
+    from deitlab.orchestration.sweep import planned_trials, recorded_sweep, trial_names_of
 
     name, tracking = located_sweep(sweep, workdir, tracking_uri, experiment)
     parent, recorded = recorded_sweep(tracking, name)
-    states = trial_states(tracking, parent, list(planned_trials(recorded)), recorded.metric, recorded.mode,
+    states = trial_states(tracking, parent, list(planned_trials(recorded, trial_names_of(parent))), recorded.metric, recorded.mode,
                           history=True)
     driver = driver_state(parent)
     out.print(f"sweep [bold]{name}[/]: MLflow parent run {parent.id} {parent.status}"

@@ -38,6 +38,7 @@ from deitlab.tracking.names import (
     LAST_FAILURE_TAG,
     SPEC_HASH_TAG,
     SWEEP_TAG,
+    TRIAL_NAMES_TAG,
     TRIALS_TAG,
     TUNE_RUN_TAG,
 )
@@ -57,8 +58,12 @@ class SweepInterrupted(KeyboardInterrupt):
     """The sweep stopped before every trial ended (Ctrl-C, `sweep stop`); `sweep resume` continues it."""
 
 
-def trial_name(point: dict[str, Any]) -> str:
-    """A readable, unique-per-point name: hard-convnet-l0.5-s0, soft-vit-t3-l0.1-s0, none-s0."""
+TRIAL_NAMES = "2"  # the naming scheme of new sweeps, recorded on their parent (TRIAL_NAMES_TAG)
+
+
+def trial_name(point: dict[str, Any], scheme: str = TRIAL_NAMES) -> str:
+    """A readable, unique-per-point name: hard-convnet-l0.5-s0, soft-vit-t3-notoken-s0, none-s0. A switch reads as
+    its name or no+name (scheme 2); scheme 1, the names of sweeps recorded before, wrote tokenTrue / tokenFalse."""
     mode = point.get("distillation.mode")
     parts = [str(mode)] if mode else []
     if (mode is None or modes.describe(mode).needs_teacher) and TEACHER_KEY in point:
@@ -67,15 +72,24 @@ def trial_name(point: dict[str, Any]) -> str:
     for key, value in point.items():
         if key in ("distillation.mode", TEACHER_KEY, "run.seed"):
             continue
+        label = short.get(key, key.rsplit(".", 1)[-1])
+        if isinstance(value, bool) and scheme != "1":
+            parts.append(label if value else f"no{label}")
+            continue
         shown = f"{value:g}" if isinstance(value, float) else str(value)
-        parts.append(f"{short.get(key, key.rsplit('.', 1)[-1])}{shown}")
+        parts.append(f"{label}{shown}")
     parts.append(f"s{point.get('run.seed', 0)}")
     return "-".join(parts)
 
 
-def planned_trials(sweep: SweepSpec) -> dict[str, ExperimentSpec]:
-    """Every trial of the sweep by name, validated."""
-    return {trial_name(p): sweep.trial_spec(p) for p in sweep.trial_overrides()}
+def planned_trials(sweep: SweepSpec, scheme: str = TRIAL_NAMES) -> dict[str, ExperimentSpec]:
+    """Every trial of the sweep by name (in the naming `scheme` its parent recorded), validated."""
+    return {trial_name(p, scheme): sweep.trial_spec(p) for p in sweep.trial_overrides()}
+
+
+def trial_names_of(parent) -> str:
+    """The naming scheme of a recorded sweep: what its trials' runs are called, so resume and extend find them."""
+    return parent.tags.get(TRIAL_NAMES_TAG, "1")
 
 
 def spec_hash(sweep: SweepSpec) -> str:
@@ -248,7 +262,7 @@ def run_sweep(sweep: SweepSpec, callbacks: list | None = None, checked: Checked 
     tracking = Tracking.for_run(sweep.experiment.run)
     tracking.experiment_id()
     parent_id = tracking.start_run(sweep.name, tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep",
-                                                     SPEC_HASH_TAG: spec_hash(sweep),
+                                                     SPEC_HASH_TAG: spec_hash(sweep), TRIAL_NAMES_TAG: TRIAL_NAMES,
                                                      **common_tags(sweep.experiment.run)},
                                    params={"sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
                                            "sweep.early_stopping": sweep.early_stopping})
@@ -287,7 +301,7 @@ def plan_resume(tracking: Tracking, name: str, retry_errored: bool = False) -> S
     beside the failed one) only with `retry_errored`.
     """
     parent, sweep = recorded_sweep(tracking, name)
-    specs = planned_trials(sweep)
+    specs = planned_trials(sweep, trial_names_of(parent))
     states = trial_states(tracking, parent, list(specs))
     failed = [s.name for s in states if s.state == "failed"]
     todo = [s.name for s in states if not s.done and (retry_errored or s.state != "failed")]
@@ -324,7 +338,7 @@ def plan_extend(tracking: Tracking, name: str, overrides: dict[str, Any]) -> Swe
         raise SpecError(f"sweep extend: {'teacher ' + ', '.join(changed) if changed else 'metric and mode'} cannot"
                         " change; add teachers under new names")
     existing = runs_by_trial(tracking, parent.id)
-    specs = planned_trials(new)
+    specs = planned_trials(new, trial_names_of(parent))
     added = [n for n in specs if n not in existing]
     if not added:
         raise SpecError(f"sweep extend: the changes add no trial to sweep '{name}'")

@@ -73,16 +73,18 @@ def resolve_init_file(source: str, tracking: Tracking) -> str:
 
 
 def teacher_facts(model, payload: dict[str, Any], bundle, path: str | None = None) -> dict[str, Any]:
-    """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals), and the
+    """Family, architecture, millions of parameters and forward GFLOPs at the data's size (4 decimals), the
     SHA-256 of the file its weights came from (the hub's file for pretrained and imported weights, else the model
-    file)."""
+    file), and the accuracy its model file records (trained and imported teachers; None when not measured)."""
     from deitlab.core.models import model_family, model_size
     from deitlab.core.pretrained import file_sha256
 
     size = model_size(model, bundle.in_chans, bundle.img_size)
     sha = (payload.get("metadata") or {}).get("weights_sha256") or (file_sha256(model_file(path)) if path else None)
+    accuracy = (payload.get("metadata") or {}).get("accuracy")
     return {"family": model_family(getattr(model, "teacher", model)), "arch": payload["arch"],
-            "params_m": round(size["params_m"], 4), "gflops": round(size["gflops"], 4), "sha256": sha}
+            "params_m": round(size["params_m"], 4), "gflops": round(size["gflops"], 4), "sha256": sha,
+            "accuracy": None if accuracy is None else round(float(accuracy), 6)}
 
 
 def teacher_card(model_file: Path, spec: TeacherTrainingSpec) -> dict[str, Any]:

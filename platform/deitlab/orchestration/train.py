@@ -43,6 +43,7 @@ from deitlab.tracking.names import (
     LAST_FAILURE_TAG,
     MODE_TAG,
     MODEL_URI_TAG,
+    REFERENCE_TEACHER_TAG,
     RESUMED_FROM_TAG,
     RESUMES_TAG,
     STOPPED_TAG,
@@ -439,17 +440,34 @@ class TrainOutcome:
 
 
 def run_tags(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The tags an experiment's MLflow run is found and grouped by in the UI: mode, student, teacher and its family."""
-    teacher = spec.teacher.label if spec.teacher else "none"
-    info = teachers.get(teacher, {}) if spec.distillation.spec_mode.needs_teacher else {}
+    """The tags an experiment's MLflow run is found and grouped by in the UI: mode, student, teacher and its family.
+    A run without distillation has teacher "none" (grouping by teacher keeps the baseline apart); the teacher its
+    agreement is measured against is its reference teacher."""
+    distilled = spec.distillation.spec_mode.needs_teacher
+    label = spec.teacher.label if spec.teacher else "none"
+    info = teachers.get(label, {}) if distilled else {}
     tags = {MODE_TAG: spec.distillation.mode, STUDENT_TAG: spec.student.arch,
-            TOKEN_TAG: spec.distillation.uses_token, TEACHER_TAG: teacher,
+            TOKEN_TAG: spec.distillation.uses_token, TEACHER_TAG: label if distilled else "none",
             TEACHER_FAMILY_TAG: info.get("family", "none")}
+    if not distilled and spec.teacher:
+        tags[REFERENCE_TEACHER_TAG] = label
     if info:
         tags.update({TEACHER_ARCH_TAG: info["arch"], TEACHER_GFLOPS_TAG: info["gflops"]})
         if info.get("sha256"):
             tags[TEACHER_SHA_TAG] = info["sha256"]
     return tags
+
+
+TEACHER_NUMBERS = {"gflops": "teacher.gflops", "params_m": "teacher.params_m", "accuracy": "teacher.accuracy"}
+
+
+def teacher_params(spec: ExperimentSpec, teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The distilling teacher's size and accuracy as params (teacher.gflops, .params_m, .accuracy), numbers the
+    MLflow chart view can put on an axis against the student's accuracy. None for runs without distillation."""
+    if not (spec.teacher and spec.distillation.spec_mode.needs_teacher):
+        return {}
+    info = teachers.get(spec.teacher.label, {})
+    return {param: info[fact] for fact, param in TEACHER_NUMBERS.items() if info.get(fact) is not None}
 
 
 def common_tags(run: RunSpec) -> dict[str, Any]:
@@ -460,14 +478,14 @@ def common_tags(run: RunSpec) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- driver: runs
 def open_run(tracking: Tracking, spec, name: str, tags: dict[str, Any], parent_id: str | None = None,
-             resume_run_id: str | None = None) -> str:
-    """A new MLflow run for `spec` (its flat params, the common and given tags, spec.json), or the unfinished one
-    being resumed, reopened."""
+             resume_run_id: str | None = None, params: dict[str, Any] | None = None) -> str:
+    """A new MLflow run for `spec` (its flat params and `params`, the common and given tags, spec.json), or the
+    unfinished one being resumed, reopened."""
     if resume_run_id:
         tracking.reopen_run(resume_run_id)
         return resume_run_id
-    run_id = tracking.start_run(name, params=spec.flat_params(), tags={**common_tags(spec.run), **tags},
-                                parent_id=parent_id)
+    run_id = tracking.start_run(name, params={**spec.flat_params(), **(params or {})},
+                                tags={**common_tags(spec.run), **tags}, parent_id=parent_id)
     tracking.log_json(run_id, "spec.json", spec.model_dump(mode="json", by_alias=True))
     return run_id
 
@@ -626,7 +644,7 @@ def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | N
             log.warning("resuming run %s from checkpoint %s (epoch %d)", resume_id, storage.display(found[1]),
                         found[0]["epoch"])
     run_id = open_run(tracking, spec, spec.name, {KIND_TAG: "train", **run_tags(spec, checked.teachers)},
-                      resume_run_id=resume_id)
+                      resume_run_id=resume_id, params=teacher_params(spec, checked.teachers))
     result = run_unit(TrainUnit.single(spec, tracking, run_id, spec.name))
     return TrainOutcome(run_id, dict(result.metrics or {}))
 

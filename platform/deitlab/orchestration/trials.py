@@ -17,6 +17,7 @@ from deitlab.orchestration.train import (
     open_run,
     run_tags,
     run_unit,
+    teacher_params,
     train_teacher,
 )
 from deitlab.spec.schema import ExperimentSpec, TeacherTrainingSpec
@@ -56,8 +57,8 @@ def sweep_trial(config: dict[str, Any], sweep_name: str, specs: dict[str, Experi
         tags = {SWEEP_TAG: sweep_name, KIND_TAG: "trial", TRIAL_ID_TAG: tune.get_context().get_trial_id(),
                 TEACHER_ROLE_TAG: "distillation" if spec.distillation.spec_mode.needs_teacher else "reference",
                 **({PACK_TAG: unit_name, PACK_SIZE_TAG: len(names)} if packed else {}), **run_tags(spec, teachers)}
-        run_id = open_run(tracking, spec, name, tags, parent_id,
-                          resume_run_id=unfinished.id if unfinished else None)
+        run_id = open_run(tracking, spec, name, tags, parent_id, resume_run_id=unfinished.id if unfinished else None,
+                          params=teacher_params(spec, teachers))
         members.append(UnitMember(name, spec, run_id))
     if not members:
         tune.report(dict(ended[0].metrics) if ended and not packed else {"epoch": 0})

@@ -161,10 +161,14 @@ def build_report(tracking: Tracking, sweep: str) -> SweepReport:
         p = run.params
         mode = p.get(CONFIG_PARAMS["mode"], "?")
         facts = modes.describe(mode)
+        # a run without distillation names the teacher its agreement is measured against as reference_teacher
+        # (runs recorded before logged it as teacher)
+        teacher = p.get(CONFIG_PARAMS["teacher"]) if facts.needs_teacher else p.get("reference_teacher") or \
+            p.get(CONFIG_PARAMS["teacher"])
         key = (mode, p.get(CONFIG_PARAMS["token"]) == "True",
                _number(p.get(CONFIG_PARAMS["tau"])) if facts.uses_tau else None,
                _number(p.get(CONFIG_PARAMS["lambda"])) if facts.uses_lambda else None,
-               p.get(CONFIG_PARAMS["teacher"], "none"))
+               teacher or "none")
         row = groups.setdefault(key, AblationRow(*key, seeds=[], runs=[]))
         if STOPPED_TAG in run.tags:  # ASHA cut it short: its partial metrics would bias the row
             row.stopped += 1

@@ -472,13 +472,27 @@ class ExperimentSpec(StrictSpec):
         return validate(ExperimentSpec, raw, source="override")
 
     def flat_params(self) -> dict[str, Any]:
-        """Flattened, effective parameters for tracking (defaults included, derived values resolved)."""
+        """Flattened, effective parameters for tracking (defaults included, derived values resolved). A setting the
+        mode does not use is left out, so that MLflow's searches and charts do not count it: τ outside modes that use
+        a temperature, λ, the token and the teacher for `none` (whose teacher, if any, only measures agreement: it is
+        logged as reference_teacher), the fusion and evaluation head of a student without the token."""
+        distill, mode = self.distillation, self.distillation.spec_mode
         flat = flatten(self.model_dump(by_alias=True, mode="json"))
-        flat["distillation.lambda"] = self.distillation.weight
-        flat["distillation.token"] = self.distillation.uses_token
-        flat["student.timm_name"] = self.student.timm_name(self.distillation.uses_token)
+        flat["distillation.lambda"] = distill.weight
+        flat["distillation.token"] = distill.uses_token
+        flat["student.timm_name"] = self.student.timm_name(distill.uses_token)
         flat["teacher"] = self.teacher.label if self.teacher else "none"
-        return flat
+        unused = set()
+        if not mode.uses_tau:
+            unused |= {"distillation.tau", "distillation.soft_normalization"}
+        if not distill.uses_token:
+            unused |= {"distillation.fusion", "distillation.eval_head"}
+        if not mode.needs_teacher:
+            unused |= {"distillation.lambda", "distillation.token", "teacher"}
+            flat = {(f"reference_{k}" if k.startswith("teacher.") else k): v for k, v in flat.items()}
+            if self.teacher:
+                flat["reference_teacher"] = self.teacher.label
+        return {k: v for k, v in flat.items() if k not in unused}
 
 
 class TeacherTrainingSpec(StrictSpec):

@@ -53,7 +53,10 @@ PACK_TAG = "deitlab.pack"  # the pack (one Ray Train run) a trial trained in
 PACK_SIZE_TAG = "deitlab.pack_size"
 
 
-TEACHER_TAG = "deitlab.teacher"  # the teacher's label (a sweep's teacher name), or "none"
+TEACHER_TAG = "deitlab.teacher"  # the teacher's label (a sweep's teacher name), or "none" (no distillation)
+
+
+REFERENCE_TEACHER_TAG = "deitlab.reference_teacher"  # a `none` run's teacher: agreement is measured against it
 
 
 MODEL_URI_TAG = "deitlab.model_uri"  # a teacher run's registered version
@@ -90,6 +93,9 @@ SPEC_HASH_TAG = "deitlab.spec_hash"
 
 
 TRIALS_TAG = "deitlab.trials"
+
+
+TRIAL_NAMES_TAG = "deitlab.trial_names"  # a sweep parent's trial naming scheme (absent: the first, tokenTrue/False)
 
 
 EXTENSIONS_TAG = "deitlab.extensions"
