@@ -50,21 +50,38 @@ def data_fingerprint(bundle: DataBundle) -> str:
     relative path, size and class (image folders), or the shards' checksums in meta.json (packs). Two runs with equal
     fingerprints saw the same data."""
     import hashlib
-    import os
 
     digest = hashlib.sha256()
     for split in (bundle.train, bundle.val):
-        if isinstance(split, tuple):
-            for tensor in split:
-                digest.update(tensor.contiguous().numpy().tobytes())
-        elif hasattr(split, "fingerprint"):  # a pack's split (shards.ParquetImages)
-            digest.update(split.fingerprint().encode())
-        else:
-            root = split.root
-            for path, label in split.samples:
-                digest.update(f"{os.path.relpath(path, root)}|{os.path.getsize(path)}|{label}\n".encode())
+        _hash_split(digest, split)
         digest.update(b"--split--")
     return digest.hexdigest()[:16]
+
+
+def split_fingerprints(bundle: DataBundle) -> tuple[str, str]:
+    """data_fingerprint of each split on its own (train, val): what a run's MLflow datasets are recorded by."""
+    import hashlib
+
+    out = []
+    for split in (bundle.train, bundle.val):
+        digest = hashlib.sha256()
+        _hash_split(digest, split)
+        out.append(digest.hexdigest()[:16])
+    return out[0], out[1]
+
+
+def _hash_split(digest, split) -> None:
+    import os
+
+    if isinstance(split, tuple):
+        for tensor in split:
+            digest.update(tensor.contiguous().numpy().tobytes())
+    elif hasattr(split, "fingerprint"):  # a pack's split (shards.ParquetImages)
+        digest.update(split.fingerprint().encode())
+    else:
+        root = split.root
+        for path, label in split.samples:
+            digest.update(f"{os.path.relpath(path, root)}|{os.path.getsize(path)}|{label}\n".encode())
 
 
 def input_config(bundle: DataBundle):

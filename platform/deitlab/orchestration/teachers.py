@@ -87,8 +87,9 @@ def teacher_facts(model, payload: dict[str, Any], bundle, path: str | None = Non
             "accuracy": None if accuracy is None else round(float(accuracy), 6)}
 
 
-def teacher_card(model_file: Path, spec: TeacherTrainingSpec) -> dict[str, Any]:
-    """A registered teacher version's tags: architecture, family, size, and the data it was trained and measured on."""
+def teacher_card(model_file: Path, spec: TeacherTrainingSpec) -> tuple[dict[str, Any], Any]:
+    """A registered teacher version's tags (architecture, family, size, and the data it was trained and measured
+    on), and that data as loaded."""
     from deitlab.core.models import load_teacher
     from deitlab.data.loaders import data_fingerprint, load_data
 
@@ -97,4 +98,4 @@ def teacher_card(model_file: Path, spec: TeacherTrainingSpec) -> dict[str, Any]:
     facts = teacher_facts(model, payload, bundle)
     return {"architecture": facts["arch"], "family": facts["family"], "params_m": f"{facts['params_m']:.4f}",
             "gflops": f"{facts['gflops']:.4f}", "img_size": bundle.img_size, "dataset": spec.data.dataset,
-            "data_fingerprint": data_fingerprint(bundle), "num_classes": bundle.num_classes}
+            "data_fingerprint": data_fingerprint(bundle), "num_classes": bundle.num_classes}, bundle

@@ -30,6 +30,13 @@ from deitlab.core.step import DIVERGED_REASON
 from deitlab.data.loaders import load_data
 from deitlab.errors import TrainingDiverged, one_line
 from deitlab.orchestration.cluster import scaling_config
+from deitlab.orchestration.lineage import (
+    BEST_MODEL,
+    TEACHER_MODEL,
+    TEACHER_MODEL_PARAMS,
+    log_model_file,
+    record_datasets,
+)
 from deitlab.orchestration.preflight import Checked, preflight
 from deitlab.orchestration.records import ray_run_name
 from deitlab.orchestration.teachers import resolve_init_file, resolve_teacher_file, teacher_card
@@ -37,6 +44,7 @@ from deitlab.spec.schema import ExperimentSpec, RunSpec, TeacherTrainingSpec
 from deitlab.tracking.logger import MetricLogger
 from deitlab.tracking.names import (
     BEST_EPOCH_TAG,
+    BEST_MODEL_URI_TAG,
     DIVERGED_TAG,
     GIT_COMMIT_TAG,
     KIND_TAG,
@@ -254,6 +262,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                engine.epoch)
             student.on_step = metrics_log.log
             runs[student.name] = _RunLog(member.run_id, metrics_log, logged)
+        if runs:
+            record_datasets(unit.tracking, [r.run_id for r in runs.values()], unit.first.data, engine.bundle)
         monitor = _node_monitor(unit, rank, nodes)
         if runs and resumed_from:
             log.warning("%s: resumed from checkpoint %s (epoch %d)", unit.name, resumed_from, engine.epoch)
@@ -614,15 +624,20 @@ def _log_best_model(unit: TrainUnit, member: UnitMember, result, storage: Storag
     state = storage.load(checkpoint.path)
     state = state["students"][member.name] if "students" in state else state  # a pack's state holds every member
     bundle = load_data(spec.data)
-    token = spec.distillation.uses_token
-    path = write_model_file(tmp / "best_model" / "model.pt", state["model"], arch=spec.student.timm_name(token),
+    token, epoch = spec.distillation.uses_token, int(state["epoch"])
+    arch = spec.student.timm_name(token)
+    path = write_model_file(tmp / "best_model" / MODEL_FILE, state["model"], arch=arch,
                             model_kwargs=spec.student.timm_kwargs(bundle.img_size), num_classes=bundle.num_classes,
                             in_chans=bundle.in_chans,
-                            metadata={"epoch": int(state["epoch"]), metric: metrics[metric], "run_id": member.run_id,
+                            metadata={"epoch": epoch, metric: metrics[metric], "run_id": member.run_id,
                                       "img_size": bundle.img_size, "mean": bundle.mean, "std": bundle.std})
-    unit.tracking.log_artifact(member.run_id, path, "best_model")
-    unit.tracking.set_tags(member.run_id, {BEST_EPOCH_TAG: int(state["epoch"]),
-                                           best_metric_tag(metric): metrics[metric]})
+    measured = {k: v for k, v in metrics.items() if k.startswith("acc") or k in ("agreement", "val_loss")}
+    model = log_model_file(unit.tracking, member.run_id, path, BEST_MODEL, metrics=measured, step=epoch,
+                           params={"arch": arch, "epoch": epoch, "checkpoint_metric": metric},
+                           tags={KIND_TAG: "student", MODE_TAG: spec.distillation.mode,
+                                 TEACHER_TAG: run_tags(spec, {})[TEACHER_TAG]}, data=spec.data, bundle=bundle)
+    unit.tracking.set_tags(member.run_id, {BEST_EPOCH_TAG: epoch, best_metric_tag(metric): metrics[metric],
+                                           BEST_MODEL_URI_TAG: model.uri})
 
 
 def train_experiment(spec: ExperimentSpec, resume: bool = False, run_id: str | None = None,
@@ -657,10 +672,13 @@ def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> T
 
     def register(run_id: str, result) -> None:
         with result.checkpoint.as_directory() as directory:
-            tracking.log_artifact(run_id, Path(directory) / MODEL_FILE, "teacher")
-            card = teacher_card(Path(directory) / MODEL_FILE, spec)
-        uri = tracking.register_teacher(run_id, "teacher", spec.name, result.metrics["acc"], tags=card,
-                                        alias=spec.alias)
+            card, bundle = teacher_card(Path(directory) / MODEL_FILE, spec)
+            metrics = {k: v for k, v in result.metrics.items() if k.startswith("acc") or k == "val_loss"}
+            model = log_model_file(tracking, run_id, Path(directory) / MODEL_FILE, TEACHER_MODEL, metrics=metrics,
+                                   step=int(result.metrics.get("epoch", spec.optim.epochs)),
+                                   params={k: card[k] for k in TEACHER_MODEL_PARAMS}, tags={KIND_TAG: "teacher"},
+                                   data=spec.data, bundle=bundle)
+        uri = tracking.register_teacher(run_id, model, spec.name, result.metrics["acc"], tags=card, alias=spec.alias)
         tracking.set_tags(run_id, {MODEL_URI_TAG: uri, TEACHER_ACC_TAG: result.metrics["acc"],
                                    TEACHER_FAMILY_TAG: card["family"]})
         registered.append(uri)

@@ -77,7 +77,10 @@ TEACHER_ARCH_TAG = "deitlab.teacher_arch"
 TEACHER_GFLOPS_TAG = "deitlab.teacher_gflops"
 
 
-BEST_EPOCH_TAG = "deitlab.best_epoch"  # the epoch of the run's best_model/
+BEST_EPOCH_TAG = "deitlab.best_epoch"  # the epoch of the run's best model
+
+
+BEST_MODEL_URI_TAG = "deitlab.best_model_uri"  # models:/m-…: the run's best student as an MLflow logged model
 
 
 DRIVER_TAG = "deitlab.driver"  # host:pid of the process running the sweep (what `sweep stop` signals)

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -159,6 +160,36 @@ class VersionRecord:
     version: str
     tags: dict[str, str]
     source: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A run's input data as MLflow records it (the UI's Dataset column, "group by dataset", dataset search): one per
+    split, `context` train or eval; `digest` deitlab's fingerprint of that split, so runs on the same data match."""
+
+    name: str
+    digest: str
+    context: str  # train | eval
+    source: str | None  # the path or URI the data came from; None: built in (digits, synthetic)
+    profile: dict[str, Any]  # e.g. {"num_rows": 1437, "num_classes": 10}
+
+
+@dataclass(frozen=True)
+class LoggedModelRecord:
+    """An MLflow logged model (MLflow 3): its id, models:/ URI and where its files are."""
+
+    model_id: str
+    artifact_location: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_id}"
+
+
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's tag of a logged model: the registry versions made from it
+
+
+MODEL_TYPE = "deitlab.model/1"  # a torch state_dict file read with torch.load(weights_only=True), never pickled code
 
 
 def _run_record(run) -> RunRecord:
@@ -357,11 +388,78 @@ class Tracking:
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
+    # ------------------------------------------------------------------------------------------- datasets, models
+    def log_datasets(self, run_id: str, datasets: list[DatasetRecord]) -> None:
+        """Record the run's input datasets (MLflow keeps each (dataset, context) of a run once: a resumed run that
+        logs them again adds nothing)."""
+        import warnings
+
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for record in datasets:
+            if record.source:
+                with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local kind
+                    warnings.simplefilter("ignore")
+                    source = resolve_dataset_source(scrub_item("source", record.source))
+            else:
+                source = CodeDatasetSource({"deitlab.dataset": record.name.split("/")[0]})
+            entity = Dataset(record.name, record.digest, source._get_source_type(), source.to_json(),
+                             profile=json.dumps(record.profile, sort_keys=True))
+            inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", record.context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_model(self, run_id: str, files: list[Path], name: str, *, metrics: dict[str, float] | None = None,
+                  step: int = 0, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
+                  dataset: DatasetRecord | None = None) -> LoggedModelRecord:
+        """An MLflow logged model of the run (its "Logged models"; the experiment's Models tab) holding `files`,
+        with `params`, `tags` and `metrics` (logged on the run at `step` too, linked to the model and to the data
+        they were measured on). Its files are its own: the run's artifacts do not repeat them."""
+        from mlflow.entities import LoggedModelOutput, Metric
+
+        client = self.client
+        model = client.create_logged_model(self.run(run_id).experiment_id, name=name, source_run_id=run_id,
+                                           tags={k: _recorded(k, v) for k, v in (tags or {}).items()},
+                                           params={k: _recorded(k, v) for k, v in (params or {}).items()},
+                                           model_type=MODEL_TYPE)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in files:  # one upload of a folder: the model's files at its root
+                    try:
+                        os.link(path, Path(tmp) / path.name)  # no copy of a large file on the same file system
+                    except OSError:
+                        shutil.copyfile(path, Path(tmp) / path.name)
+                client.log_model_artifacts(model.model_id, tmp)
+            client.finalize_logged_model(model.model_id, "READY")
+        except BaseException:
+            client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        linked = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
+        values = [Metric(k, v, ts, step, model_id=model.model_id, **linked)
+                  for k, (v, ts) in self._as_logged(run_id, finite_metrics(metrics or {}), step).items()]
+        if values:
+            client.log_batch(run_id, metrics=values)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        return LoggedModelRecord(model.model_id, model.artifact_location)
+
+    def _as_logged(self, run_id: str, metrics: dict[str, float], step: int) -> dict[str, tuple[float, int]]:
+        """(value, timestamp) of each metric as the run logged it at `step`, else (the value given, now). A model's
+        metric logged with the run's own value and timestamp is one point in the run's history, not two: MLflow keeps
+        a (key, step, value, timestamp) once."""
+        now, out = int(time.time() * 1000), {}
+        for key, value in metrics.items():
+            point = next((p for p in self.metric_history(run_id, key) if p.step == step), None)
+            out[key] = (point.value, point.timestamp) if point else (value, now)
+        return out
+
     # ------------------------------------------------------------------------------------------- registry
-    def register_teacher(self, run_id: str, artifact_path: str, name: str, accuracy: float | None,
+    def register_teacher(self, run_id: str, model: LoggedModelRecord, name: str, accuracy: float | None,
                          tags: dict[str, Any] | None = None, alias: str | None = None) -> str:
-        """Register the run's model file as a new version of `name` with `tags` (architecture, family, size, data
-        fingerprint) and optionally move `alias` to it; returns the version's models:/ URI."""
+        """Register the run's logged teacher model as a new version of `name` with `tags` (architecture, family,
+        size, data fingerprint) and optionally move `alias` to it; returns the version's models:/ URI. The version's
+        source is the logged model (models:/m-…), so the registry shows the model's metrics and links to it."""
         client = self.client
         from mlflow.exceptions import MlflowException
 
@@ -371,13 +469,18 @@ class Tracking:
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
-        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         version_tags = {k: _recorded(k, v) for k, v in (tags or {}).items()}
         if accuracy is not None:
             version_tags[TEACHER_ACC_TAG] = f"{accuracy:.6f}"
         described = f"validation accuracy {accuracy:.4f}" if accuracy is not None else \
             str(version_tags.get("accuracy_note", "accuracy not measured"))
-        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=described)
+        with _default_tracking_uri(self.tracking_uri):
+            version = client.create_model_version(name, model.uri, run_id=run_id, tags=version_tags,
+                                                  description=described, model_id=model.model_id)
+        # what the logged model's page lists as its registered versions (MLflow's own register_model sets it too)
+        registered = json.loads(client.get_logged_model(model.model_id).tags.get(MODEL_VERSIONS_TAG, "[]"))
+        client.set_logged_model_tags(model.model_id, {MODEL_VERSIONS_TAG: json.dumps(
+            [*registered, {"name": name, "version": str(version.version)}])})
         if alias:
             client.set_registered_model_alias(name, alias, version.version)
         return f"models:/{name}/{version.version}"
@@ -407,21 +510,27 @@ class Tracking:
         return _version_record(self.client.get_model_version(name, version))
 
     def model_source(self, uri: str) -> str:
-        """The artifact location behind models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS.
+        """The artifact location behind models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS or a logged
+        model's models:/m-ID.
 
         Resolved with our own client so the registry is the one at our tracking URI, not a process-global default.
+        A version whose source is a logged model has its files where that model's are (the registry's download URI).
         """
         ref = uri.removeprefix("models:/").strip("/")
         name, _, version = ref.rpartition("/")
-        if "@" not in ref and not name:
-            raise SpecError(f"teacher URI '{uri}': expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+        if "@" not in ref and not name and not ref.startswith("m-"):
+            raise SpecError(f"teacher URI '{uri}': expected models:/NAME/VERSION, models:/NAME/latest,"
+                            " models:/NAME@ALIAS or models:/m-ID (a logged model)")
         try:
             client = self.client
             if "@" in ref:
-                return client.get_model_version_by_alias(*ref.split("@", 1)).source
-            if version == "latest":
-                return self.latest_version(name).source
-            return client.get_model_version(name, version).source
+                name, version = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, version).version
+            elif not name:
+                return client.get_logged_model(ref).artifact_location
+            elif version == "latest":
+                version = self.latest_version(name).version
+            return client.get_model_version_download_uri(name, version)
         except SpecError:
             raise
         except Exception as err:
@@ -571,6 +680,14 @@ def _metric(key: str, value: float, timestamp: int, step: int):
 def _rejected(err: Exception) -> bool:
     code = str(getattr(err, "error_code", ""))
     return any(c in code for c in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"))
+
+
+def _default_tracking_uri(uri: str):
+    """MLflow's registry resolves a models:/m-ID source through a client at the process's default tracking URI, not
+    the one it was asked through (a TODO in its SQL store): the default points at ours for that call."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(uri)
 
 
 def _s3_endpoint_for_mlflow() -> None:
