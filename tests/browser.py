@@ -301,11 +301,117 @@ def check_mlflow_experiment_page(server_uri: str, experiment_id: str, child_run_
     return shots
 
 
+def _group_by(page, key: str, timeout_s: float) -> None:
+    """Group by → search `key` → tick it (a menu of checkboxes: attributes, datasets, tags, params)."""
+    page.get_by_role("button", name=re.compile(r"Group by")).click()
+    page.get_by_placeholder("Search").last.fill(key)
+    item = page.get_by_role("menuitemcheckbox").filter(has_text=re.compile(rf"^{re.escape(key)}$")).first
+    item.wait_for(state="visible", timeout=timeout_s * 1000)
+    item.click()
+    page.keyboard.press("Escape")
+
+
+_GROUP = re.compile(r"^(?:Group: (?P<value>.+?)|(?P<rest>Additional runs))\s*\n\s*(?P<count>\d+)\b", re.M)
+
+
+def _groups(page) -> dict[str, int]:
+    """The group rows of the runs table: {value: number of runs}; runs without the key under "Additional runs"."""
+    found = {}
+    for text in page.locator('[role="row"][row-id]').all_inner_texts():
+        for match in _GROUP.finditer(text.replace("Pin group", "").strip()):
+            found[match["value"] or match["rest"]] = int(match["count"])
+    return found
+
+
+def _wait_for_groups(page, expected: dict[str, int], timeout_s: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shown = {k: v for k, v in _groups(page).items() if k != "Additional runs"}
+        if shown == expected or time.monotonic() > deadline:
+            return shown
+        page.wait_for_timeout(250)
+
+
+def check_mlflow_teacher_comparison(server_uri: str, experiment_id: str, groups: dict[str, int], run_name: str,
+                                    datasets: list[str], versions: list[tuple[str, str]], card_keys: list[str],
+                                    screenshot_dir: str | Path, timeout_s: float = 120.0) -> dict[str, Path]:
+    """What a user comparing teachers clicks through in the MLflow UI served by `server_uri`:
+
+    1. The experiment's runs table, grouped by the tag deitlab.teacher (Group by): the groups and their sizes must be
+       `groups` (the runs without the tag, a sweep's parent, are "Additional runs"). Screenshot: teachers-grouped.png.
+    2. The chart view of the grouped runs: one curve per group of the metric `acc`, its legend "GROUP (acc)" for
+       every group. Screenshot: teachers-grouped-charts.png.
+    3. The run page of `run_name`: its datasets (`datasets`, in the Datasets box) and its logged model best_model.
+       Screenshot: run-with-model.png.
+    4. Each registered teacher version (name, version) in `versions`: its page shows the card (`card_keys` among its
+       tags) and links its source model; that logged model's page shows its metric acc, the dataset it was measured
+       on and the version it is registered as. Screenshots: version-NAME-V.png, model-NAME-V.png.
+    Returns the screenshots by name; AssertionError with what the page showed otherwise (a screenshot is saved then).
+    """
+    screenshot_dir = Path(screenshot_dir)
+    base = server_uri.rstrip("/")
+    shots: dict[str, Path] = {}
+    with chromium_page(init_script=_MLFLOW_INIT_SCRIPT) as page:
+        page.goto(f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        try:
+            page.locator('[role="gridcell"][col-id*="Run Name"]').first.wait_for(
+                state="visible", timeout=timeout_s * 1000)
+            _close_assistant(page)
+            _group_by(page, "deitlab.teacher", timeout_s)
+            shown = _wait_for_groups(page, groups, timeout_s)
+            if shown != groups:
+                raise AssertionError(f"MLflow runs grouped by deitlab.teacher: groups {shown}, expected {groups}; "
+                                     f"the page shows: {visible_text(page)}")
+            wait_for_texts(page, [run_name], timeout_s, what="the grouped runs table")
+            href = page.get_by_role("link", name=run_name, exact=True).first.get_attribute("href")
+            settle(page)
+        finally:
+            shots["grouped"] = screenshot(page, screenshot_dir / "teachers-grouped.png")
+        try:
+            page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+            wait_for_texts(page, [f"{group} (acc)" for group in groups], timeout_s, what="the chart view")
+            settle(page)
+        finally:
+            shots["charts"] = screenshot(page, screenshot_dir / "teachers-grouped-charts.png")
+
+        page.goto("about:blank")  # a hash route: from a blank page only the run page can match
+        page.goto(href if href and href.startswith("http") else f"{base}/{(href or '').lstrip('/')}")
+        try:
+            wait_for_texts(page, [run_name, "Logged models (1)", "best_model"], timeout_s, what=f"run page {run_name}")
+            for dataset in datasets:  # shown as "NAME (DIGEST)" in the Datasets box
+                page.get_by_text(re.compile(rf"^{re.escape(dataset)} \(")).first.wait_for(timeout=timeout_s * 1000)
+            settle(page)
+        finally:
+            shots["run"] = screenshot(page, screenshot_dir / "run-with-model.png")
+
+        for name, version in versions:
+            page.goto("about:blank")
+            page.goto(f"{base}/#/models/{name}/versions/{version}")
+            safe = f"{_safe_name(name)}-{version}"
+            try:
+                wait_for_texts(page, [f"Version {version}", "Source Model", *card_keys], timeout_s,
+                               what=f"registry version {name}/{version}")
+                link = page.locator('a[href*="/models/m-"]').first
+                link.wait_for(state="visible", timeout=timeout_s * 1000)
+                settle(page)
+            finally:
+                shots[f"version:{name}"] = screenshot(page, screenshot_dir / f"version-{safe}.png")
+            link.click()
+            try:
+                wait_for_texts(page, ["Metrics (1)", "acc", "Model versions", name, f"v{version}"], timeout_s,
+                               what=f"the logged model of {name}/{version}")
+                settle(page)
+            finally:
+                shots[f"model:{name}"] = screenshot(page, screenshot_dir / f"model-{safe}.png")
+    return shots
+
+
 def png_ok(path: str | Path) -> bool:
     """A non-empty PNG file."""
     path = Path(path)
     return path.is_file() and path.stat().st_size > 100 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-__all__ = ["CHROMIUM", "CHROMIUM_FLAGS", "check_mlflow_experiment_page", "chromium_available", "chromium_page",
+__all__ = ["CHROMIUM", "CHROMIUM_FLAGS", "check_mlflow_experiment_page", "check_mlflow_teacher_comparison",
+           "chromium_available", "chromium_page",
            "open_and_screenshot", "png_ok", "screenshot", "settle", "visible_text", "wait_for_texts"]

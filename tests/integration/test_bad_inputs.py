@@ -6,7 +6,8 @@ The cases below are the source of docs/bad-inputs.md; a test checks that the tab
 After changing a case, rewrite the table: `.venv/bin/python tests/integration/test_bad_inputs.py`.
 
 Placeholders in arguments, files, environment and expected lines: {dir} is the case's folder (the command's working
-directory), {s3} the moto S3 endpoint (host:port), {port} a local port nothing listens on.
+directory), {s3} the moto S3 endpoint (host:port), {port} a local port nothing listens on, {busy} one that a program
+listens on.
 """
 from __future__ import annotations
 
@@ -330,6 +331,21 @@ CASES = [
          "error: teacher: no MLflow store at {dir}/deitlab-work/mlflow.db yet (nothing was recorded there): give the"
          " --workdir or run.tracking_uri where the model or run was recorded",
          {"exp.yaml": URI_TEACHER.replace("URI", "models:/digits-convnet/1")}),
+    Case("ui-no-store", "CLI option", "`deitlab ui --workdir nowhere`, a folder where nothing was recorded",
+         ("ui", "--workdir", "nowhere"), "error: no MLflow store at {dir}/nowhere/mlflow.db (give --workdir or"
+                                         " --tracking-uri)"),
+    Case("ui-workdir-and-tracking-uri", "CLI option", "`deitlab ui --workdir w --tracking-uri http://…` (two stores)",
+         ("ui", "--workdir", "w", "--tracking-uri", "http://127.0.0.1:{port}"),
+         "error: give --workdir or --tracking-uri, not both"),
+    Case("ui-port-in-use", "CLI option", "`deitlab ui --port P` where another program listens on P",
+         ("ui", "--port", "{busy}"), "error: --port {busy}: something already listens there; choose another port",
+         {"deitlab-work": "@store"}),
+    Case("ui-no-sweep-yet", "CLI option", "`deitlab ui` on a store that holds teachers but no sweep",
+         ("ui",), "error: no sweep in the MLflow store at sqlite:///{dir}/deitlab-work/mlflow.db: run one (`deitlab"
+                  " sweep run`) or name one that is there", {"deitlab-work": "@store"}),
+    Case("ui-unknown-sweep", "CLI option", "`deitlab ui my-sweep` on a store without that sweep",
+         ("ui", "my-sweep"), "error: no sweep 'my-sweep' in the MLflow store at sqlite:///{dir}/deitlab-work/"
+                             "mlflow.db", {"deitlab-work": "@store"}),
     Case("spec-init-from-unknown-run", "spec", "`deitlab train exp.yaml` with `init_from: runs:/0123456789abcdef`, a"
                                                " run the work directory's store does not have",
          ("train", "exp.yaml"),
@@ -527,8 +543,8 @@ def _store_with_a_model(workdir: Path, model_file: Path) -> None:
     tracking = Tracking.for_run(RunSpec(workdir=str(workdir)))
     tracking.experiment_id()
     run_id = tracking.start_run("teacher-other")
-    tracking.log_artifact(run_id, model_file, "teacher")
-    tracking.register_teacher(run_id, "teacher", "other-teacher", 0.5)
+    model = tracking.log_model(run_id, [model_file], "teacher")
+    tracking.register_teacher(run_id, model, "other-teacher", 0.5)
     tracking.end_run(run_id)
 
 
@@ -610,22 +626,27 @@ def _run(case: Case, folder: Path, values: dict[str, str]) -> list[str]:
 
 
 def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, assets, bucket, s3_endpoint):
+    import socket
+
     from conftest import free_port
 
-    values = {"s3": s3_endpoint, "port": str(free_port())}
-    folders = {}
-    for case in CASES:
-        folders[case.id] = tmp_path / case.id
-        folders[case.id].mkdir()
-        _prepare(case, folders[case.id], assets, {**values, "dir": str(folders[case.id])})
-    s3_before = _s3_state(bucket)
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        outcomes = dict(zip((c.id for c in CASES), pool.map(
-            lambda c: _run(c, folders[c.id], {**values, "dir": str(folders[c.id])}), CASES)))
-    failed = {case_id: problems for case_id, problems in outcomes.items() if problems}
-    report = "\n".join(f"{case_id}: " + "; ".join(problems) for case_id, problems in failed.items())
-    assert not failed, f"{len(failed)} of {len(CASES)} bad inputs misbehaved:\n{report}"
-    assert _s3_state(bucket) == s3_before, "a case wrote to S3"
+    with socket.socket() as busy:  # a port another program listens on, for as long as the cases run
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {"s3": s3_endpoint, "port": str(free_port()), "busy": str(busy.getsockname()[1])}
+        folders = {}
+        for case in CASES:
+            folders[case.id] = tmp_path / case.id
+            folders[case.id].mkdir()
+            _prepare(case, folders[case.id], assets, {**values, "dir": str(folders[case.id])})
+        s3_before = _s3_state(bucket)
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            outcomes = dict(zip((c.id for c in CASES), pool.map(
+                lambda c: _run(c, folders[c.id], {**values, "dir": str(folders[c.id])}), CASES)))
+        failed = {case_id: problems for case_id, problems in outcomes.items() if problems}
+        report = "\n".join(f"{case_id}: " + "; ".join(problems) for case_id, problems in failed.items())
+        assert not failed, f"{len(failed)} of {len(CASES)} bad inputs misbehaved:\n{report}"
+        assert _s3_state(bucket) == s3_before, "a case wrote to S3"
 
 
 # ---------------------------------------------------------------------------------------------------- the table

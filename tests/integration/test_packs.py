@@ -65,7 +65,10 @@ def test_a_pack_trains_its_members_as_if_alone_and_stops_them_one_by_one(ray_ses
         if run.info.status == "FINISHED":
             artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
             assert {"evaluation/curves.png", "evaluation/confusion_matrix.json"} <= artifacts, name
-            assert [a.path for a in client.list_artifacts(run.info.run_id, "best_model")] == ["best_model/model.pt"]
+            best = client.get_logged_model(run.data.tags["deitlab.best_model_uri"].removeprefix("models:/"))
+            assert best.source_run_id == run.info.run_id and best.name == "best_model"
+            assert [a.path for a in client.list_logged_model_artifacts(best.model_id)] == ["model.pt"]
+            assert {m.key for m in best.metrics} >= {"acc", "acc_teacher", "agreement"}, name
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc")]
             assert steps == [1, 2, 3], name
 

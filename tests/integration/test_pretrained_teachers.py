@@ -6,6 +6,8 @@ Ray Tune and MLflow on synthetic 1000-class data, and each run names its teacher
 teacher fine-tuned from pretrained weights and one trained from scratch, same epochs on digits."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 TEACHERS = {"convnet": "test_resnet.r160_in1k", "vit": "test_vit.r160_in1k"}
 # 1000 classes, 3 images each: 2 train, 1 validation per class
 DATA = {"dataset": "synthetic", "synthetic_classes": 1000, "synthetic_size": 3000, "val_fraction": 0.34,
@@ -30,16 +33,42 @@ def _deitlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "NO_COLOR": "1"})
 
 
-def test_imported_pretrained_teachers_are_compared_in_a_sweep(ray_session, hub_cache, tmp_path):
+@pytest.fixture(scope="module")
+def hub_sweep(ray_session, hub_cache, tmp_path_factory):
+    """Two imported teachers (`deitlab teacher import`, offline) and a sweep over both: no distillation, soft and
+    hard, packed by teacher (two packs: the baseline measures agreement with one of them, and trains in its pack)."""
+    tmp_path = tmp_path_factory.mktemp("hub-sweep")
     workdir = tmp_path / "work"
     shas = {label: hub_cache.add(name, seed=i) for i, (label, name) in enumerate(TEACHERS.items())}
     data_spec = write_yaml(tmp_path / "data.yaml", json.dumps(DATA))
+    imported = {}
     for label, name in TEACHERS.items():
-        result = _deitlab("teacher", "import", name, "--name", f"hub-{label}", "--alias", "champion", "--data",
-                          str(data_spec), "--workdir", str(workdir), cwd=tmp_path)
+        imported[label] = _deitlab("teacher", "import", name, "--name", f"hub-{label}", "--alias", "champion",
+                                   "--data", str(data_spec), "--workdir", str(workdir), cwd=tmp_path)
+    sweep = write_yaml(tmp_path / "sweep.yaml", json.dumps({
+        "name": "hub-teachers", "seeds": [0], "max_concurrent": 2, "pack": 3,
+        "teachers": {label: {"uri": f"models:/hub-{label}@champion"} for label in TEACHERS},
+        "grid": {"distillation.mode": ["none", "soft", "hard"], "teacher": list(TEACHERS)},
+        "experiment": {"student": TINY_STUDENT, "data": DATA, "optim": {"epochs": 1, "warmup_epochs": 0},
+                       "run": {"workdir": str(workdir), "experiment": "hub-teachers", "log_every_steps": 0}}}))
+    result = CliRunner().invoke(app, ["sweep", "run", str(sweep)]) if all(
+        r.returncode == 0 for r in imported.values()) else None
+    return {"workdir": workdir, "shas": shas, "imported": imported, "sweep": result, "tmp": tmp_path,
+            "client": MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")}
+
+
+def _trials(client: MlflowClient) -> dict:
+    experiment = client.get_experiment_by_name("hub-teachers")
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id],
+                                                           "tags.`deitlab.kind` = 'trial'")}
+
+
+def test_imported_pretrained_teachers_are_compared_in_a_sweep(hub_sweep):
+    shas, client = hub_sweep["shas"], hub_sweep["client"]
+    for label, name in TEACHERS.items():
+        result = hub_sweep["imported"][label]
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"registered models:/hub-{label}/1 (alias champion): {name}, sha256 {shas[label][:16]}" in result.stdout
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     for label, name in TEACHERS.items():
         version = client.get_model_version_by_alias(f"hub-{label}", "champion")
         card = version.tags
@@ -47,28 +76,91 @@ def test_imported_pretrained_teachers_are_compared_in_a_sweep(ray_session, hub_c
         assert card["num_classes"] == "1000" and card["img_size"] == "160" and json.loads(card["mean"]) == [0.5] * 3
         assert float(card["params_m"]) > 0 and float(card["gflops"]) > 0
         assert 0 <= float(card["deitlab.accuracy"]) <= 1  # measured on the data spec's validation split
-    sweep = write_yaml(tmp_path / "sweep.yaml", json.dumps({
-        "name": "hub-teachers", "seeds": [0], "max_concurrent": 2,
-        "teachers": {label: {"uri": f"models:/hub-{label}@champion"} for label in TEACHERS},
-        "grid": {"distillation.mode": ["none", "hard"], "teacher": list(TEACHERS)},
-        "experiment": {"student": TINY_STUDENT, "data": DATA, "optim": {"epochs": 1, "warmup_epochs": 0},
-                       "run": {"workdir": str(workdir), "experiment": "hub-teachers", "log_every_steps": 0}}}))
-    result = CliRunner().invoke(app, ["sweep", "run", str(sweep)])
-    assert result.exit_code == 0, result.output
-    experiment = client.get_experiment_by_name("hub-teachers")
-    trials = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id],
-                                                             "tags.`deitlab.kind` = 'trial'")}
-    assert sorted(trials) == ["hard-convnet-s0", "hard-vit-s0", "none-s0"]
+        # the version is the import's logged model: its accuracy is a model metric, linked to the data it was
+        # measured on, and the model knows the version
+        model = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert version.source.startswith("models:/m-") and model.source_run_id == version.run_id
+        [acc] = [m for m in model.metrics if m.key == "acc"]
+        assert acc.value == pytest.approx(float(card["deitlab.accuracy"]), abs=1e-6)
+        assert acc.dataset_name == "synthetic/val"
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": f"hub-{label}", "version": "1"}]
+    result = hub_sweep["sweep"]
+    assert result is not None and result.exit_code == 0, result.output if result else "the imports failed"
+    trials = _trials(client)
+    assert sorted(trials) == ["hard-convnet-s0", "hard-vit-s0", "none-s0", "soft-convnet-s0", "soft-vit-s0"]
     for label in TEACHERS:
-        run = trials[f"hard-{label}-s0"]
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["deitlab.teacher_sha256"] == shas[label]  # the weights that were imported
-        assert run.data.tags["deitlab.teacher_arch"] == TEACHERS[label]
-        assert 0 <= run.data.metrics["acc_teacher"] <= 1
-    report = CliRunner().invoke(app, ["report", "hub-teachers", "--workdir", str(workdir), "--format", "json"])
+        for mode in ("soft", "hard"):
+            run = trials[f"{mode}-{label}-s0"]
+            assert run.info.status == "FINISHED"
+            tags, params = run.data.tags, run.data.params
+            assert tags["deitlab.teacher"] == label and tags["deitlab.pack"]  # packed, by teacher
+            assert tags["deitlab.teacher_sha256"] == shas[label]  # the weights that were imported
+            assert tags["deitlab.teacher_arch"] == TEACHERS[label]
+            assert 0 <= run.data.metrics["acc_teacher"] <= 1
+            # the teacher's size and accuracy as numbers beside the student's (the chart view's axes)
+            card = client.get_model_version(f"hub-{label}", "1").tags
+            assert float(params["teacher.gflops"]) == pytest.approx(float(card["gflops"]), rel=1e-3)
+            assert float(params["teacher.params_m"]) == pytest.approx(float(card["params_m"]), rel=1e-3)
+            assert float(params["teacher.accuracy"]) == pytest.approx(float(card["deitlab.accuracy"]), abs=1e-5)
+            assert ("distillation.tau" in params) == (mode == "soft")
+    packs = {trials[f"{m}-{label}-s0"].data.tags["deitlab.pack"] for m in ("soft", "hard") for label in TEACHERS}
+    assert len(packs) == 2
+    baseline = trials["none-s0"].data
+    assert baseline.tags["deitlab.teacher"] == "none" and baseline.tags["deitlab.reference_teacher"] in TEACHERS
+    assert not {"distillation.tau", "distillation.lambda", "teacher"} & set(baseline.params)
+    experiment = client.get_experiment_by_name("hub-teachers").experiment_id
+    soft = client.search_runs([experiment], "params.`distillation.tau` = '3.0'")
+    assert sorted(r.info.run_name for r in soft) == ["soft-convnet-s0", "soft-vit-s0"]
+    # each trial's data as MLflow datasets (the same digests for all: one data spec) and its best model
+    digests = set()
+    for name, run in trials.items():
+        inputs = {(i.dataset.name, i.tags[0].value): i.dataset.digest for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {("synthetic/train", "train"), ("synthetic/val", "eval")}, name
+        digests.add(tuple(sorted(inputs.values())))
+        best = client.get_logged_model(run.data.tags["deitlab.best_model_uri"].removeprefix("models:/"))
+        assert best.source_run_id == run.info.run_id and best.name == "best_model"
+        assert {m.dataset_name for m in best.metrics} == {"synthetic/val"}
+    assert len(digests) == 1
+    report = CliRunner().invoke(app, ["report", "hub-teachers", "--workdir", str(hub_sweep["workdir"]),
+                                      "--format", "json"])
     assert report.exit_code == 0, report.output
     shown = json.loads(report.output)
-    assert {t["teacher"] for t in shown["trials"] if t["mode"] == "hard"} == set(TEACHERS)
+    assert {t["teacher"] for t in shown["trials"] if t["mode"] != "none"} == set(TEACHERS)
+    assert [t["teacher"] for t in shown["trials"] if t["mode"] == "none"] == [baseline.tags["deitlab.reference_teacher"]]
+
+
+def test_the_mlflow_ui_compares_the_teachers(hub_sweep):
+    """`deitlab ui` serves the store; in the browser the sweep's runs grouped by teacher are none 1, convnet 2, vit 2;
+    the chart view draws one curve per group; a trial's page shows its datasets and model; the registry's teacher
+    versions show their cards and link their logged models."""
+    from browser import check_mlflow_teacher_comparison, chromium_available
+    from conftest import free_port
+
+    if chromium_available():
+        pytest.skip(chromium_available())
+    assert hub_sweep["sweep"] is not None and hub_sweep["sweep"].exit_code == 0, "the sweep did not run"
+    port = free_port()
+    ui = subprocess.Popen([str(BIN / "deitlab"), "ui", "hub-teachers", "--workdir", str(hub_sweep["workdir"]),
+                           "--port", str(port)], cwd=hub_sweep["tmp"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        url = ui.stdout.readline().strip()  # printed once the server answers (or the command fails and exits)
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/"), (url, ui.poll(), ui.stderr.read()
+                                                                            if ui.poll() is not None else "")
+        experiment = hub_sweep["client"].get_experiment_by_name("hub-teachers").experiment_id
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        shots = check_mlflow_teacher_comparison(
+            f"http://127.0.0.1:{port}", experiment, {"none": 1, "convnet": 2, "vit": 2}, "soft-vit-s0",
+            ["synthetic/train", "synthetic/val"], [(f"hub-{label}", "1") for label in TEACHERS],
+            ["source", "weights_sha256", "params_m", "gflops", "deitlab.accuracy"],
+            REPO / "test-artifacts" / "mlflow-ui-teachers")
+        assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in shots.values())
+    finally:
+        ui.send_signal(signal.SIGINT)  # Ctrl-C: the command stops its server and exits 0
+        rc = ui.wait(timeout=120)
+    assert rc == 0, ui.stderr.read()
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing left listening
 
 
 def test_a_teacher_fine_tuned_from_pretrained_weights_and_one_from_scratch(ray_session, hub_cache, tmp_path):

@@ -130,7 +130,12 @@ def test_runs_are_structured_for_comparing_teachers(server_sweep, s3_endpoint):
         system_metrics |= {k for k in run.data.metrics if k.startswith("system/")}
         files = set(_artifacts(client, run.info.run_id))
         assert {"spec.json", "evaluation/curves.png", "evaluation/confusion_matrix.png",
-                "evaluation/confusion_matrix.json", "best_model/model.pt"} <= files, (name, files)
+                "evaluation/confusion_matrix.json"} <= files, (name, files)
+        best = client.get_logged_model(tags["deitlab.best_model_uri"].removeprefix("models:/"))  # the run's model
+        assert best.source_run_id == run.info.run_id and best.tags["deitlab.mode"] == mode
+        assert [a.path for a in client.list_logged_model_artifacts(best.model_id)] == ["model.pt"]
+        assert {(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs} == {
+            ("digits/train", "train"), ("digits/val", "eval")}
         (server_sweep["tmp"] / name).mkdir(exist_ok=True)
         local = client.download_artifacts(run.info.run_id, "evaluation/confusion_matrix.json",
                                           str(server_sweep["tmp"] / name))
@@ -142,7 +147,7 @@ def test_runs_are_structured_for_comparing_teachers(server_sweep, s3_endpoint):
     assert "system/cpu_utilization_percentage" in system_metrics
 
     keys = _bucket_keys(s3_endpoint, f"{PREFIX}/")
-    assert sum(k.endswith("/artifacts/best_model/model.pt") for k in keys) == 3
+    assert sum("/models/m-" in k and k.endswith("/artifacts/model.pt") for k in keys) == 4  # 3 best models, 1 teacher
     assert sum(k.endswith("/artifacts/evaluation/confusion_matrix.png") for k in keys) >= 4  # 3 trials + teacher
     assert any(k.endswith("/artifacts/summary/report.html") for k in keys)
 
@@ -197,6 +202,14 @@ def test_no_secret_reaches_params_tags_or_artifacts(server_sweep, s3_endpoint):
     params = server_sweep["children"]["none-s0"].data.params
     assert params["run.tags.ticket"] == "see ***" and params["run.tags.api_token"] == "***"
     assert params["run.tags.note"] == "key=***"
+
+
+def test_deitlab_ui_on_a_tracking_server_prints_the_sweeps_address(server_sweep, server):
+    """A server already serves its UI: `deitlab ui` starts nothing and prints where the sweep's experiment is."""
+    result = CliRunner().invoke(app, ["ui", "srv-sweep", "--tracking-uri", server.uri])
+    assert result.exit_code == 0, result.output
+    experiment = server_sweep["experiment"].experiment_id
+    assert result.stdout.strip() == f"{server.uri}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def test_ui_shows_child_runs_and_their_teacher_family(server_sweep, server):

@@ -15,7 +15,7 @@ from deitlab.tracking.store import DatasetRecord, LoggedModelRecord, Tracking
 log = logging.getLogger("deitlab.tracking")
 
 
-BEST_MODEL, TEACHER_MODEL = "best_model", "teacher"  # the logged models' names
+BEST_MODEL = "best_model"  # a student's logged model; a teacher's is named as its registered model
 
 
 TEACHER_MODEL_PARAMS = ("architecture", "family", "params_m", "gflops", "img_size", "num_classes")  # from its card

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deitlab.errors import SpecError
-from deitlab.orchestration.lineage import TEACHER_MODEL, TEACHER_MODEL_PARAMS, log_model_file, record_datasets
+from deitlab.orchestration.lineage import TEACHER_MODEL_PARAMS, log_model_file, record_datasets
 from deitlab.spec.base import validate
 from deitlab.spec.loading import read_yaml
 from deitlab.spec.schema import HF_HUB_PREFIX, DataSpec, RunSpec
@@ -99,12 +99,12 @@ def import_teacher(name: str, registered: str, run: RunSpec, data: DataSpec | No
                                     num_classes=model.num_classes, in_chans=in_chans, metadata=metadata)
             params = {k: card[k] for k in TEACHER_MODEL_PARAMS if k in card} | {"source": name}
             if bundle is not None:  # measured on the data: the accuracy is linked to it
-                logged = log_model_file(tracking, run_id, path, TEACHER_MODEL, metrics={"acc": accuracy}
+                logged = log_model_file(tracking, run_id, path, registered, metrics={"acc": accuracy}
                                         if accuracy is not None else {}, step=0, params=params,
                                         tags={KIND_TAG: "teacher"}, data=data, bundle=bundle)
                 record_datasets(tracking, [run_id], data, bundle)
             else:
-                logged = tracking.log_model(run_id, [path], TEACHER_MODEL, params=params, tags={KIND_TAG: "teacher"})
+                logged = tracking.log_model(run_id, [path], registered, params=params, tags={KIND_TAG: "teacher"})
         uri = tracking.register_teacher(run_id, logged, registered, accuracy, tags=card, alias=alias)
         tags = {MODEL_URI_TAG: uri}
         if accuracy is not None:

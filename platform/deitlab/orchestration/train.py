@@ -32,7 +32,6 @@ from deitlab.errors import TrainingDiverged, one_line
 from deitlab.orchestration.cluster import scaling_config
 from deitlab.orchestration.lineage import (
     BEST_MODEL,
-    TEACHER_MODEL,
     TEACHER_MODEL_PARAMS,
     log_model_file,
     record_datasets,
@@ -674,7 +673,7 @@ def train_teacher(spec: TeacherTrainingSpec, callbacks: list | None = None) -> T
         with result.checkpoint.as_directory() as directory:
             card, bundle = teacher_card(Path(directory) / MODEL_FILE, spec)
             metrics = {k: v for k, v in result.metrics.items() if k.startswith("acc") or k == "val_loss"}
-            model = log_model_file(tracking, run_id, Path(directory) / MODEL_FILE, TEACHER_MODEL, metrics=metrics,
+            model = log_model_file(tracking, run_id, Path(directory) / MODEL_FILE, spec.name, metrics=metrics,
                                    step=int(result.metrics.get("epoch", spec.optim.epochs)),
                                    params={k: card[k] for k in TEACHER_MODEL_PARAMS}, tags={KIND_TAG: "teacher"},
                                    data=spec.data, bundle=bundle)

@@ -578,6 +578,17 @@ class Tracking:
                                    max_results=1) if ids else []
         return client.get_experiment(found[0].info.experiment_id).name if found else None
 
+    def newest_sweep(self) -> tuple[str, str] | None:
+        """(sweep name, experiment name) of the newest sweep in any of the store's experiments, or None."""
+        client = self.client
+        ids = [e.experiment_id for e in client.search_experiments()]
+        found = client.search_runs(ids, f"tags.`{KIND_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"],
+                                   max_results=1) if ids else []
+        if not found:
+            return None
+        return found[0].data.tags.get(SWEEP_TAG, found[0].info.run_name), \
+            client.get_experiment(found[0].info.experiment_id).name
+
     def child_runs(self, parent_id: str) -> list[RunRecord]:
         """The parent's child runs, oldest first."""
         experiment_id = self.run(parent_id).experiment_id
