@@ -322,7 +322,7 @@ CASES = [
                                                           " `models:/no-such-teacher/1`, in a work directory whose"
                                                           " store has other models",
          ("train", "exp.yaml"),
-         "error: teacher URI 'models:/no-such-teacher/1': Model Version (name=no-such-teacher, version=1) not found",
+         "error: teacher URI 'models:/no-such-teacher/1': Registered Model with name=no-such-teacher not found",
          {"exp.yaml": URI_TEACHER.replace("URI", "models:/no-such-teacher/1"), "deitlab-work": "@store"}),
     Case("spec-teacher-model-without-store", "spec", "`deitlab train exp.yaml` whose `teacher.uri` is"
                                                      " `models:/digits-convnet/1`, in a folder where nothing was"

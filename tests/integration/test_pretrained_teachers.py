@@ -99,7 +99,8 @@ def test_imported_pretrained_teachers_are_compared_in_a_sweep(hub_sweep):
             assert 0 <= run.data.metrics["acc_teacher"] <= 1
             # the teacher's size and accuracy as numbers beside the student's (the chart view's axes)
             card = client.get_model_version(f"hub-{label}", "1").tags
-            assert float(params["teacher.gflops"]) == pytest.approx(float(card["gflops"]), rel=1e-3)
+            # (the forward the run pays: at the teacher's own input size, 160, to which the batches are resized)
+            assert float(params["teacher.gflops"]) == float(tags["deitlab.teacher_gflops"]) > float(card["gflops"])
             assert float(params["teacher.params_m"]) == pytest.approx(float(card["params_m"]), rel=1e-3)
             assert float(params["teacher.accuracy"]) == pytest.approx(float(card["deitlab.accuracy"]), abs=1e-5)
             assert ("distillation.tau" in params) == (mode == "soft")
