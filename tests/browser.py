@@ -398,8 +398,9 @@ def check_mlflow_teacher_comparison(server_uri: str, experiment_id: str, groups:
                 shots[f"version:{name}"] = screenshot(page, screenshot_dir / f"version-{safe}.png")
             link.click()
             try:
-                wait_for_texts(page, ["Metrics (1)", "acc", "Model versions", name, f"v{version}"], timeout_s,
+                wait_for_texts(page, ["acc", "Model versions", name, f"v{version}"], timeout_s,
                                what=f"the logged model of {name}/{version}")
+                page.get_by_text(re.compile(r"^Metrics \(\d+\)$")).first.wait_for(timeout=timeout_s * 1000)
                 settle(page)
             finally:
                 shots[f"model:{name}"] = screenshot(page, screenshot_dir / f"model-{safe}.png")

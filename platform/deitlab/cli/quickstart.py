@@ -50,5 +50,5 @@ def quickstart(workdir: Annotated[Path, typer.Option(help="where the MLflow stor
     err.print("[bold]3/3[/] report")
     render(build_report(Tracking.for_run(sweep.experiment.run), sweep.name), out)
     out.print(f"\nfinished in {time.perf_counter() - start:.0f} s. Browse the runs:\n"
-              f"  mlflow ui --backend-store-uri {sweep.experiment.run.resolved_tracking_uri}\n"
+              f"  deitlab ui {sweep.name} --workdir {workdir}   (then Group by: deitlab.teacher, chart view)\n"
               f"  deitlab report {sweep.name} --workdir {workdir} --format json")
