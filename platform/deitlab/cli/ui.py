@@ -52,6 +52,7 @@ def ui(sweep: Annotated[Optional[str], typer.Argument(help="the sweep whose expe
         out.print(_address(tracking.tracking_uri, experiment_id), highlight=False, soft_wrap=True)
         return
     server = _start_server(tracking, host, port)
+    failed = True  # until Ctrl-C ends it: a server that would not start or died keeps its log for the user
     try:
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         _wait_until_up(server, base)
@@ -60,10 +61,13 @@ def ui(sweep: Annotated[Optional[str], typer.Argument(help="the sweep whose expe
         out.print(_address(base, experiment_id), highlight=False, soft_wrap=True)
         sys.stdout.flush()
         server.wait()
+        err.print(f"mlflow server exited with {server.returncode}; its log: {server.log_path}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     except KeyboardInterrupt:
-        pass
+        failed = False
     finally:
-        _stop(server)
+        _stop(server, keep_log=failed)
 
 
 def _sweep_experiment(tracking: Tracking, sweep: str | None) -> tuple[str, str]:
@@ -120,15 +124,16 @@ def _wait_until_up(server: subprocess.Popen, base: str) -> None:
     raise SpecError(f"mlflow server did not answer at {base} within {STARTUP_S} s (its log: {server.log_path})")
 
 
-def _stop(server: subprocess.Popen) -> None:
-    if server.poll() is not None:
-        return
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+def _stop(server: subprocess.Popen, keep_log: bool) -> None:
+    """End the server (its whole process group); remove its log unless asked to keep it."""
+    if server.poll() is None:
         try:
-            os.killpg(server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    server.log_path.unlink(missing_ok=True)  # type: ignore[attr-defined]
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if not keep_log:
+        server.log_path.unlink(missing_ok=True)  # type: ignore[attr-defined]

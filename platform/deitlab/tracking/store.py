@@ -415,8 +415,8 @@ class Tracking:
                   step: int = 0, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
                   dataset: DatasetRecord | None = None) -> LoggedModelRecord:
         """An MLflow logged model of the run (its "Logged models"; the experiment's Models tab) holding `files`,
-        with `params`, `tags` and `metrics` (logged on the run at `step` too, linked to the model and to the data
-        they were measured on). Its files are its own: the run's artifacts do not repeat them."""
+        with `params`, `tags` and `metrics`: the run's own values at `step` (see _as_logged), linked to the model and
+        to the data they were measured on. Its files are its own: the run's artifacts do not repeat them."""
         from mlflow.entities import LoggedModelOutput, Metric
 
         client = self.client
@@ -459,7 +459,8 @@ class Tracking:
                          tags: dict[str, Any] | None = None, alias: str | None = None) -> str:
         """Register the run's logged teacher model as a new version of `name` with `tags` (architecture, family,
         size, data fingerprint) and optionally move `alias` to it; returns the version's models:/ URI. The version's
-        source is the logged model (models:/m-…), so the registry shows the model's metrics and links to it."""
+        source is the logged model (models:/m-…): its page links that model, whose page shows its metrics and this
+        version."""
         client = self.client
         from mlflow.exceptions import MlflowException
 
