@@ -154,8 +154,8 @@ def sweep_status(sweep: SweepArg, workdir: WorkdirOption = None, tracking_uri: T
 
     name, tracking = located_sweep(sweep, workdir, tracking_uri, experiment)
     parent, recorded = recorded_sweep(tracking, name)
-    states = trial_states(tracking, parent, list(planned_trials(recorded, trial_names_of(parent))), recorded.metric, recorded.mode,
-                          history=True)
+    names = list(planned_trials(recorded, trial_names_of(parent)))
+    states = trial_states(tracking, parent, names, recorded.metric, recorded.mode, history=True)
     driver = driver_state(parent)
     out.print(f"sweep [bold]{name}[/]: MLflow parent run {parent.id} {parent.status}"
               + (f", driver {parent.tags.get(DRIVER_TAG, '?')} {driver}" if parent.status == "RUNNING"

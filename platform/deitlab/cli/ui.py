@@ -72,15 +72,14 @@ def ui(sweep: Annotated[Optional[str], typer.Argument(help="the sweep whose expe
 
 def _sweep_experiment(tracking: Tracking, sweep: str | None) -> tuple[str, str]:
     """(experiment id, sweep name) of `sweep`, or of the newest sweep in the store."""
-    found = tracking.newest_sweep() if sweep is None else tracking.sweep_experiment(sweep)
-    if found is None:
+    if sweep is None:
+        sweep, experiment = tracking.newest_sweep() or (None, None)
+    else:
+        experiment = tracking.sweep_experiment(sweep)
+    if experiment is None:
         what = f"no sweep '{sweep}'" if sweep else "no sweep"
         raise SpecError(f"{what} in the MLflow store at {tracking.tracking_uri}: run one (`deitlab sweep run`) or name"
                         " one that is there")
-    if sweep is None:
-        sweep, experiment = found
-    else:
-        experiment = found
     return tracking.client.get_experiment_by_name(experiment).experiment_id, sweep
 
 

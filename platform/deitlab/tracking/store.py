@@ -570,25 +570,27 @@ class Tracking:
 
     def sweep_experiment(self, sweep: str) -> str | None:
         """The experiment that holds the newest sweep called `sweep`, searching all of the store's experiments."""
+        found = self._newest_sweep_parent(sweep)
+        return self.client.get_experiment(found.info.experiment_id).name if found else None
+
+    def newest_sweep(self) -> tuple[str, str] | None:
+        """(sweep name, experiment name) of the newest sweep in any of the store's experiments, or None."""
+        found = self._newest_sweep_parent(None)
+        if found is None:
+            return None
+        return found.data.tags.get(SWEEP_TAG, found.info.run_name), \
+            self.client.get_experiment(found.info.experiment_id).name
+
+    def _newest_sweep_parent(self, sweep: str | None):
+        """The newest parent run of the sweep called `sweep` (None: of any sweep) in any of the store's experiments."""
         client = self.client
         try:
             ids = [e.experiment_id for e in client.search_experiments()]
         except Exception as err:
             raise SpecError(f"tracking URI '{self.tracking_uri}': {one_line(err)}") from None
-        found = client.search_runs(ids, _sweep_filter(sweep), order_by=["attributes.start_time DESC"],
-                                   max_results=1) if ids else []
-        return client.get_experiment(found[0].info.experiment_id).name if found else None
-
-    def newest_sweep(self) -> tuple[str, str] | None:
-        """(sweep name, experiment name) of the newest sweep in any of the store's experiments, or None."""
-        client = self.client
-        ids = [e.experiment_id for e in client.search_experiments()]
-        found = client.search_runs(ids, f"tags.`{KIND_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"],
-                                   max_results=1) if ids else []
-        if not found:
-            return None
-        return found[0].data.tags.get(SWEEP_TAG, found[0].info.run_name), \
-            client.get_experiment(found[0].info.experiment_id).name
+        query = _sweep_filter(sweep) if sweep is not None else f"tags.`{KIND_TAG}` = 'sweep'"
+        found = client.search_runs(ids, query, order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        return found[0] if found else None
 
     def child_runs(self, parent_id: str) -> list[RunRecord]:
         """The parent's child runs, oldest first."""
